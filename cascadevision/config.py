@@ -1,0 +1,301 @@
+"""Dataclass configs.
+
+Every default is the reference value (MMDetection's `mask_rcnn_r50_fpn_1x` unless a field says otherwise);
+presets in `cascadevision.models.presets` change only what differs. YAML files and `--set a.b=value`
+overrides are applied on top, and any unknown key is an error naming the key and the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class InputConfig:
+    """Preprocessing done inside the model."""
+    scale: tuple[int, int] = (1333, 800)  # keep-ratio resize: long side <= scale[0], short side <= scale[1]
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, on the 0-255 scale
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    size_divisor: int = 32
+
+
+@dataclass
+class BackboneConfig:
+    type: str = "resnet"
+    depth: int = 50  # 18, 34, 50, 101, 152
+    base_channels: int = 64  # width of the stem and layer1; 64 is the standard (and ImageNet-loadable) ResNet
+    frozen_stages: int = 1  # -1: nothing frozen; k: stem and layer1..k frozen
+    norm_eval: bool = True  # keep every BatchNorm in eval mode while training
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+
+
+@dataclass
+class NeckConfig:
+    out_channels: int = 256
+    num_outs: int = 5  # P2..P6; P6 = max-pool(P5, 1, stride 2)
+
+
+@dataclass
+class RPNConfig:
+    feat_channels: int = 256
+    anchor_scales: tuple[float, ...] = (8.0,)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # h / w
+    anchor_strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    pos_iou: float = 0.7
+    neg_iou: float = 0.3
+    min_pos_iou: float = 0.3
+    num_samples: int = 256
+    pos_fraction: float = 0.5
+    allowed_border: float = -1.0  # -1: every anchor is used; 0: only anchors inside the image
+    loss_bbox: str = "l1"  # "l1" or "smooth_l1"
+    smooth_l1_beta: float = 1.0 / 9.0
+    nms_iou: float = 0.7
+    train_pre_nms: int = 2000  # per level
+    train_post_nms: int = 1000  # per image
+    test_pre_nms: int = 1000
+    test_post_nms: int = 1000
+    min_box_size: float = 0.0
+
+
+@dataclass
+class RoIHeadConfig:
+    type: str = "standard"  # "standard" (Faster/Mask R-CNN), "cascade", "htc"
+    num_stages: int = 1
+    iou_thresholds: tuple[float, ...] = (0.5,)  # per stage: pos = neg = min_pos IoU
+    stage_loss_weights: tuple[float, ...] = (1.0,)
+    bbox_stds: tuple[tuple[float, float, float, float], ...] = ((0.1, 0.1, 0.2, 0.2),)
+    reg_class_agnostic: bool = False
+    match_low_quality: bool = True
+    num_samples: int = 512  # sampled RoIs per image
+    pos_fraction: float = 0.25
+    add_gt_as_proposals: bool = True
+    finest_scale: int = 56  # FPN level mapping
+    roi_size: int = 7
+    num_fcs: int = 2
+    fc_channels: int = 1024
+    loss_bbox: str = "l1"  # "l1" or "smooth_l1"
+    smooth_l1_beta: float = 1.0
+    with_mask: bool = True
+    mask_roi_size: int = 14
+    mask_num_convs: int = 4
+    mask_conv_channels: int = 256
+    mask_size: int = 28  # mask target / logit resolution
+    score_thr: float = 0.05
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+    mask_thr: float = 0.5
+    # HTC only
+    interleaved: bool = True
+    mask_info_flow: bool = True
+    with_semantic: bool = False
+    semantic_num_classes: int = 183
+    semantic_loss_weight: float = 0.2
+    semantic_fusion_level: int = 1
+    mask_ensemble: str = "mean"  # "mean" of all stages' sigmoid masks, or "last"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = ""
+    num_classes: int = 80
+    class_names: tuple[str, ...] = ()
+    input: InputConfig = field(default_factory=InputConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    weights: str = ""  # initial weights: "" (none), a checkpoint path/URL, or "imagenet:PATH" for backbone only
+
+
+@dataclass
+class DataConfig:
+    train_ann: str = ""
+    train_images: str = ""
+    train_semantic: str = ""  # directory of label-map PNGs (255 = ignore), optional
+    val_ann: str = ""
+    val_images: str = ""
+    batch_size: int = 2  # images per process
+    num_workers: int = 2
+    flip_prob: float = 0.5
+    filter_empty: bool = True  # drop training images without usable annotations
+    min_size: int = 0  # drop training images whose shorter side is below this
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    max_iters: int = 0  # > 0: train for this many iterations instead of `epochs`
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    lr_steps: tuple[int, ...] = (8, 11)  # epochs at which lr *= lr_gamma (iterations when max_iters > 0)
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    amp: bool = False  # mixed precision (CUDA only)
+    checkpoint_interval: int = 500  # iterations
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    eval_at_end: bool = True
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict <-> dataclass, with strict key checking
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict (tuples become lists)."""
+    def convert(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+    return convert(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return update(annotation(), value, prefix=key + ".")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if value is None:
+            return ""
+        return str(value)
+    return value
+
+
+def update(cfg: Any, values: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass `cfg` with `values` (a nested dict) applied, checking every key."""
+    types_ = _field_types(type(cfg))
+    changes = {}
+    for key, value in values.items():
+        if key not in types_:
+            valid = ", ".join(sorted(types_))
+            raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {valid}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' is a section; give it a mapping, got {value!r}")
+            changes[key] = update(current, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, types_[key], prefix + key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['model.rpn.nms_iou=0.6', ...] -> nested dict. Values are parsed as YAML (numbers, lists, booleans)."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping at the top level")
+    return data
+
+
+def load_config(preset_or_path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """A full Config from a preset name or a YAML file, then `overrides` (a list of 'a.b=v' or a nested dict).
+
+    A YAML file may name a preset under `model.preset`; its values are applied on top of that preset.
+    """
+    from .models.presets import TRAIN_PRESETS, preset_config
+
+    cfg = Config()
+    data: dict = {}
+    if preset_or_path:
+        text = str(preset_or_path)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            data = load_yaml(text)
+        else:
+            data = {"model": {"preset": text}}
+    if isinstance(overrides, dict):
+        extra = overrides
+    else:
+        extra = parse_overrides(list(overrides or []))
+    preset = extra.get("model", {}).get("preset") or data.get("model", {}).get("preset")
+    if preset:
+        cfg = dataclasses.replace(cfg, model=preset_config(preset))
+        cfg = update(cfg, {"train": TRAIN_PRESETS.get(preset, {})})
+    cfg = update(cfg, data)
+    return update(cfg, extra)
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    return update(ModelConfig(), values)

@@ -1,0 +1,453 @@
+"""The training loop: iteration-based SGD with warm-up and step decay, DDP, AMP, checkpoints and exact resume.
+
+Files written under `out_dir` (by process 0 only):
+    config.yaml                      the resolved config, at the start
+    metrics.jsonl                    one JSON object per `log_interval` iterations, plus {"type": "eval", ...}
+    checkpoints/iter_{N:07d}.pth     full training state after N iterations (the last `keep_checkpoints` kept)
+    checkpoints/latest.pth           the newest of those
+    checkpoints/final.pth            weights and meta only, at the end
+    loss_curve.png                   at the end
+    eval/                            results.json, metrics.json, coco_eval.txt when a val_dataset is given
+
+Resuming is exact: a run stopped after k iterations and resumed reaches the same weights, bit for bit on CPU,
+as one that never stopped. That needs (a) every RNG restored, (b) the same batches in the same order, and
+(c) data augmentation that does not depend on which process or worker loaded a sample, nor on where the run
+started: each sample is loaded with RNGs seeded from (seed, epoch, index), see `_SeededSamples`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import Config, to_dict
+from ..errors import CheckpointError, ConfigError, TrainingError
+from . import distributed as dist_utils
+from .checkpoint import atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint
+
+_SMOOTHING_WINDOW = 20  # iterations averaged for the progress bar
+
+
+class WarmupMultiStepLR:
+    """lr = base_lr * gamma^(number of milestones <= iteration) * warm-up factor.
+
+    The warm-up factor rises linearly from `warmup_ratio` at iteration 0 to 1 at `warmup_iters` (MMDetection's
+    linear warm-up). `step()` is called after each optimizer step; the state is just the iteration count, and
+    the lr is recomputed from it, so a resumed run gets exactly the same values.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, milestones: list[int], gamma: float,
+                 warmup_iters: int, warmup_ratio: float):
+        self.optimizer = optimizer
+        self.milestones = sorted(milestones)
+        self.gamma = gamma
+        self.warmup_iters = warmup_iters
+        self.warmup_ratio = warmup_ratio
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.iteration = 0
+        self._apply()
+
+    def factor(self, iteration: int) -> float:
+        decay = self.gamma ** sum(1 for milestone in self.milestones if iteration >= milestone)
+        if iteration < self.warmup_iters:
+            decay *= self.warmup_ratio + (1.0 - self.warmup_ratio) * iteration / self.warmup_iters
+        return decay
+
+    def step(self) -> None:
+        self.iteration += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor(self.iteration)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+
+
+def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Path, *, val_dataset=None,
+          resume: bool | str | Path = False, progress: bool = True, find_unused_parameters: bool = False) -> dict:
+    """Train `model` on `train_dataset` as `cfg.train` says; returns the last logged metrics (+ eval metrics).
+
+    The same call works in one process and under `torchrun --nproc_per_node N` (one process per device,
+    `cfg.data.batch_size` images per process). `resume=True` continues from `out_dir/checkpoints/latest.pth`,
+    a path continues from that checkpoint. A non-finite loss raises TrainingError.
+    """
+    created_group = not torch.distributed.is_initialized()
+    device = _resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world_size, _ = dist_utils.init_distributed("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        return _Trainer(cfg, model, train_dataset, Path(out_dir), device, rank, world_size,
+                        find_unused_parameters).run(val_dataset, resume, progress)
+    finally:
+        if created_group:
+            dist_utils.cleanup()
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, model: torch.nn.Module, dataset, out_dir: Path, device: torch.device,
+                 rank: int, world_size: int, find_unused_parameters: bool):
+        from ..data import AspectRatioBatchSampler
+
+        self.cfg, self.model, self.dataset, self.device = cfg, model, dataset, device
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.out_dir = out_dir
+        self.checkpoint_dir = out_dir / "checkpoints"
+        self.metrics_path = out_dir / "metrics.jsonl"
+        tc = cfg.train
+
+        _seed_everything(tc.seed + rank)  # a resumed run replaces these states with the checkpoint's
+        model.to(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("the model has no trainable parameters (all have requires_grad=False)")
+        self.optimizer = torch.optim.SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        self.sampler = AspectRatioBatchSampler(dataset.aspect_ratios, cfg.data.batch_size, shuffle=True,
+                                               seed=tc.seed, rank=rank, world_size=world_size)
+        self.iters_per_epoch = len(self.sampler)
+        if self.iters_per_epoch == 0:
+            raise TrainingError("the training set is empty: no batch to train on")
+        self.max_iters = tc.max_iters if tc.max_iters > 0 else tc.epochs * self.iters_per_epoch
+        milestones = list(tc.lr_steps) if tc.max_iters > 0 else [e * self.iters_per_epoch for e in tc.lr_steps]
+        self.scheduler = WarmupMultiStepLR(self.optimizer, milestones, tc.lr_gamma, tc.warmup_iters, tc.warmup_ratio)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.net = model
+        if world_size > 1:
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused_parameters)
+        self.iteration = 0
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def run(self, val_dataset, resume: bool | str | Path, progress: bool) -> dict:
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if resume:
+            self._resume(self.checkpoint_dir / "latest.pth" if resume is True else Path(resume))
+        start = self.iteration
+        bar = tqdm(total=self.max_iters, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not (progress and self.is_main))
+        with bar:
+            last_entry = self._train_loop(bar)
+        result = {"iteration": self.iteration, "epoch": self._epoch_number(self.iteration), **last_entry}
+        if self.is_main:
+            final = self.checkpoint_dir / "final.pth"
+            save_checkpoint(final, {"state_dict": self.model.state_dict(), "meta": self._meta()})
+            result["checkpoint"] = str(final)
+            if self.iteration > start:
+                from ..visualize import plot_loss_curve
+                plot_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png")
+        if val_dataset is not None and self.cfg.train.eval_at_end:
+            from .evaluator import evaluate
+            metrics = evaluate(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
+                               progress=progress, num_workers=self.cfg.data.num_workers)
+            if self.is_main:
+                self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
+            result.update(metrics)
+        dist_utils.barrier()
+        return result
+
+    def _train_loop(self, bar: tqdm) -> dict:
+        from ..data import collate
+
+        tc = self.cfg.train
+        recent: deque[dict[str, float]] = deque(maxlen=_SMOOTHING_WINDOW)  # for the progress bar
+        interval: list[dict[str, float]] = []  # since the last metrics.jsonl entry
+        last_entry: dict = {}
+        self.net.train()
+        while self.iteration < self.max_iters:
+            epoch = self.iteration // self.iters_per_epoch
+            self.sampler.set_epoch(epoch)
+            consumed = self.iteration - epoch * self.iters_per_epoch  # > 0 only when resuming mid-epoch
+            loader = torch.utils.data.DataLoader(
+                _SeededSamples(self.dataset, tc.seed, epoch), batch_sampler=_SkipBatches(self.sampler, consumed),
+                collate_fn=collate, num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                # the loader draws its worker base seed from this, not from the global RNG that we checkpoint
+                generator=torch.Generator().manual_seed(tc.seed))
+            tick = time.perf_counter()
+            for images, targets in loader:
+                data_time = time.perf_counter() - tick
+                values = self._step(_to_device(list(images), self.device), _to_device(list(targets), self.device))
+                self.iteration += 1
+                values["time"] = time.perf_counter() - tick
+                values["data_time"] = data_time
+                recent.append(values)
+                interval.append(values)
+                bar.set_postfix(_smoothed(recent), refresh=False)
+                bar.update(1)
+                if (tc.log_interval > 0 and self.iteration % tc.log_interval == 0) or self.iteration == self.max_iters:
+                    last_entry = self._log(interval)
+                    interval = []
+                if (tc.checkpoint_interval > 0 and self.iteration % tc.checkpoint_interval == 0) \
+                        or self.iteration == self.max_iters:
+                    self._save()
+                if self.iteration >= self.max_iters:
+                    break
+                tick = time.perf_counter()
+        return last_entry
+
+    def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
+        """One optimizer step; returns the losses (averaged over processes), the total and the lr as floats."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = self.net(images, targets)
+        names = sorted(losses)  # the same order on every process, for the all-reduce
+        loss_names = [name for name in names if "loss" in name]
+        if not loss_names:
+            raise TrainingError(f"the model returned no loss terms (keys containing 'loss'); got {names}")
+        reduced = dist_utils.all_reduce_mean(torch.stack([losses[n].detach().float() for n in names])).tolist()
+        values = dict(zip(names, reduced))
+        values["loss"] = sum(values[n] for n in loss_names)
+        if not math.isfinite(values["loss"]):
+            self._stop_on_non_finite({n: values[n] for n in loss_names})
+
+        values["lr"] = self.scheduler.get_last_lr()[0]  # the lr this step uses
+        total = sum(losses[n] for n in loss_names)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return values
+
+    def _stop_on_non_finite(self, loss_values: dict[str, float]) -> None:
+        bad = ", ".join(f"{name}={value}" for name, value in loss_values.items() if not math.isfinite(value))
+        if self.last_checkpoint is not None:
+            last = f"the last good checkpoint is {self.last_checkpoint}"
+        else:
+            last = "no checkpoint was written before it"
+        raise TrainingError(f"the loss is not finite at iteration {self.iteration + 1} ({bad or 'total overflow'}); "
+                            f"training stopped and nothing more was written; {last}")
+
+    # ------------------------------------------------------------------------------------------------------
+    # logging
+
+    def _log(self, interval: list[dict[str, float]]) -> dict:
+        entry: dict[str, Any] = {"type": "train", "iteration": self.iteration,
+                                 "epoch": self._epoch_number(self.iteration), "lr": interval[-1]["lr"]}
+        for key in interval[-1]:
+            if key != "lr":
+                entry[key] = sum(values[key] for values in interval) / len(interval)
+        entry["eta"] = entry["time"] * (self.max_iters - self.iteration)
+        if self.device.type == "cuda":
+            entry["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.is_main:
+            self._append_metrics(entry)
+        return {k: v for k, v in entry.items() if k not in ("type", "iteration", "epoch")}
+
+    def _append_metrics(self, entry: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _epoch_number(self, iteration: int) -> int:
+        """The 1-based epoch that the `iteration`-th iteration belongs to."""
+        return -(-iteration // self.iters_per_epoch)
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _meta(self) -> dict:
+        return {"config": to_dict(self.cfg), "iteration": self.iteration,
+                "epoch": self._epoch_number(self.iteration),
+                "class_names": list(getattr(self.dataset, "class_names", [])),
+                "cat_ids": [int(c) for c in getattr(self.dataset, "cat_ids", [])],
+                "cascadevision_version": cascadevision_version()}
+
+    def _save(self) -> None:
+        rng_states = dist_utils.all_gather_object(_rng_state())  # every process's, for an exact resume
+        path = self.checkpoint_dir / f"iter_{self.iteration:07d}.pth"
+        if self.is_main:
+            save_checkpoint(path, {
+                "state_dict": self.model.state_dict(), "meta": self._meta(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": {"ranks": rng_states}})
+            atomic_copy(path, self.checkpoint_dir / "latest.pth")
+            self._prune_checkpoints()
+        self.last_checkpoint = path
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.train.keep_checkpoints
+        if keep <= 0:
+            return
+        numbered = sorted(p for p in self.checkpoint_dir.glob("iter_*.pth") if re.fullmatch(r"iter_\d{7}\.pth", p.name))
+        for old in numbered[:-keep]:
+            old.unlink(missing_ok=True)
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        missing = [key for key in ("state_dict", "meta", "optimizer", "scheduler", "rng") if key not in state]
+        if missing:
+            raise CheckpointError(f"{path}: cannot resume training from it: it has no {', '.join(missing)} "
+                                  "(a weights-only file; use it as model.weights instead)")
+        try:
+            self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first_line = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this model/optimizer: {first_line}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        rng_states = state["rng"]["ranks"]
+        if len(rng_states) != self.world_size:
+            _note(f"resuming with {self.world_size} processes from a checkpoint written by {len(rng_states)}: "
+                  "the data order and random draws will differ from an uninterrupted run")
+        _set_rng_state(rng_states[self.rank % len(rng_states)])
+        self.iteration = int(state["meta"]["iteration"])
+        self.last_checkpoint = path
+        if self.is_main and self.metrics_path.exists():  # drop entries the interrupted run logged after `path`
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
+            atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if not self.cfg.train.amp:
+            return None
+        if self.device.type != "cuda":
+            if self.is_main:
+                _note("train.amp is ignored on CPU: mixed precision is used on CUDA only")
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """`dataset[index]` loaded with the torch/random/numpy RNGs seeded from (seed, epoch, index).
+
+    So a sample's random augmentation is the same whichever worker loads it and whether the run was resumed;
+    the caller's RNG states are restored afterwards, so loading never perturbs the training RNG stream.
+    """
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch, index]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class _SkipBatches:
+    """A batch sampler without its first `skip` batches (those a resumed run already trained on)."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler) - self.skip
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors, and tensors inside dicts/lists/tuples, moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {key: _to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(value, device) for value in obj)
+    return obj
+
+
+def _smoothed(recent: deque) -> dict[str, str]:
+    keys = ["loss"] + [k for k in recent[-1] if "loss" in k and k != "loss"] + ["lr"]
+    return {k: f"{sum(v[k] for v in recent) / len(recent):.4g}" if k != "lr" else f"{recent[-1][k]:.2e}"
+            for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# devices and RNG
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is '{name}' but CUDA is not available here; use train.device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """This process's RNG states, as types `torch.load(weights_only=True)` accepts."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(numpy_state["key"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _note(message: str) -> None:
+    tqdm.write(f"note: {message}", file=sys.stderr)

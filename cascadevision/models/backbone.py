@@ -1,0 +1,138 @@
+"""ResNet (pytorch style: the stride sits on the 3x3 conv). Parameter names equal torchvision's."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import BackboneConfig
+
+# depth -> (block type, blocks per stage)
+ARCH = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """Returns the outputs of the stages in `out_indices` (C2..C5 by default, strides 4..32).
+
+    `frozen_stages=k` freezes the stem and layer1..k (no gradients, held in eval mode); `norm_eval` keeps every
+    BatchNorm in eval mode during training, as detection fine-tuning with small batches needs.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        if cfg.depth not in ARCH:
+            raise ValueError(f"backbone.depth must be one of {sorted(ARCH)}, got {cfg.depth}")
+        if not -1 <= cfg.frozen_stages <= 4:
+            raise ValueError(f"backbone.frozen_stages must be in -1..4, got {cfg.frozen_stages}")
+        kind, blocks = ARCH[cfg.depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.frozen_stages = cfg.frozen_stages
+        self.norm_eval = cfg.norm_eval
+        self.out_indices = tuple(cfg.out_indices)
+        width = cfg.base_channels
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.out_channels = []
+        inplanes = width
+        for i, num_blocks in enumerate(blocks):
+            planes = width * 2**i
+            stride = 1 if i == 0 else 2
+            downsample = None
+            if stride != 1 or inplanes != planes * block.expansion:
+                downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+                    nn.BatchNorm2d(planes * block.expansion),
+                )
+            layers = [block(inplanes, planes, stride, downsample)]
+            inplanes = planes * block.expansion
+            layers += [block(inplanes, planes) for _ in range(1, num_blocks)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
+            self.out_channels.append(inplanes)
+        self.out_channels = [self.out_channels[i] for i in self.out_indices]
+        self._init_weights()
+        self._freeze_stages()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for i in range(4):
+            x = getattr(self, f"layer{i + 1}")(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return outs

@@ -1,0 +1,253 @@
+"""Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade: one RoI head, read top to bottom.
+
+A cascade runs `num_stages` box heads; each refines the boxes of the one before and, in training, relabels
+them at its own (higher) IoU threshold. HTC adds three switches on top of Cascade Mask R-CNN:
+
+- `interleaved`: stage t's mask head trains on the boxes stage t's box head has just refined (re-sampled),
+  instead of on the boxes stage t was given;
+- `mask_info_flow`: stage t's mask head also receives the mask feature of stages 1..t-1 (through `conv_res`);
+- `with_semantic`: a semantic segmentation branch whose feature map is pooled and added to every box and
+  mask RoI feature.
+
+With all three off this is Cascade Mask R-CNN; without masks it is Cascade R-CNN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import RoIHeadConfig
+from ..errors import DatasetError
+from ..ops import decode_boxes, multi_scale_roi_align, roi_align
+from .assign import MaxIoUAssigner
+from .bbox_head import BBoxHead, multiclass_nms
+from .layers import ConvModule
+from .mask_head import MaskHead, mask_loss
+from .roi_heads import SampledRoIs, boxes_to_rois, delta_targets, positive_mask_targets, sample_rois
+
+
+class SemanticHead(nn.Module):
+    """MMDetection's FusedSemanticHead: all FPN levels fused at one level (stride 8), 4 convs, then
+    per-pixel class logits (for the loss) and an embedding (the feature fused into the RoI features)."""
+
+    def __init__(self, channels: int, num_levels: int, num_classes: int, fusion_level: int = 1, num_convs: int = 4):
+        super().__init__()
+        self.fusion_level = fusion_level
+        self.num_classes = num_classes
+        self.lateral_convs = nn.ModuleList(ConvModule(channels, channels, 1) for _ in range(num_levels))
+        self.convs = nn.ModuleList(ConvModule(channels, channels, 3, padding=1) for _ in range(num_convs))
+        self.conv_embedding = ConvModule(channels, channels, 1)
+        self.conv_logits = nn.Conv2d(channels, num_classes, 1)
+        nn.init.kaiming_normal_(self.conv_logits.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv_logits.bias)
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        x = self.lateral_convs[self.fusion_level](features[self.fusion_level])
+        size = x.shape[-2:]
+        for i, feat in enumerate(features):
+            if i != self.fusion_level:
+                feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=True)
+                x = x + self.lateral_convs[i](feat)  # the lateral conv comes after the resize, as in the reference
+        for conv in self.convs:
+            x = conv(x)
+        return self.conv_logits(x), self.conv_embedding(x)  # (B, classes, H/8, W/8), (B, C, H/8, W/8)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy over the labelled pixels (255 = ignore), labels already at the logits' size."""
+        return F.cross_entropy(logits.float(), labels, ignore_index=255)
+
+
+def semantic_targets(targets: list[dict], image_sizes, padded_size, out_size, num_classes: int) -> Tensor:
+    """(B, h, w) long labels at the semantic logits' size: each map resized like its image, padded with 255."""
+    device = targets[0]["semantic"].device
+    batch = torch.full((len(targets), *padded_size), 255, dtype=torch.uint8, device=device)
+    for i, (t, (h, w)) in enumerate(zip(targets, image_sizes)):
+        sem = t["semantic"]
+        bad = (sem != 255) & (sem >= num_classes)
+        if bad.any():
+            value = int(sem[bad][0])
+            raise DatasetError(f"{t.get('file_name', f'image {i}')}: semantic label {value} is outside the semantic "
+                               f"head's {num_classes} classes (0..{num_classes - 1}, 255 = ignore)")
+        batch[i, :h, :w] = F.interpolate(sem[None, None].float(), size=(h, w), mode="nearest")[0, 0].to(torch.uint8)
+    return F.interpolate(batch[:, None].float(), size=out_size, mode="nearest")[:, 0].long()
+
+
+class CascadeRoIHead(nn.Module):
+    def __init__(self, cfg: RoIHeadConfig, num_classes: int, in_channels: int, strides=(4, 8, 16, 32),
+                 num_feature_levels: int = 5):
+        super().__init__()
+        htc = cfg.type == "htc"
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.num_stages = cfg.num_stages
+        self.strides = tuple(strides)
+        self.interleaved = htc and cfg.interleaved and cfg.with_mask
+        self.mask_info_flow = htc and cfg.mask_info_flow and cfg.with_mask
+        self.bbox_head = nn.ModuleList(
+            BBoxHead(in_channels, cfg.roi_size, cfg.num_fcs, cfg.fc_channels, num_classes, cfg.reg_class_agnostic)
+            for _ in range(self.num_stages))
+        self.mask_head = None
+        if cfg.with_mask:
+            self.mask_head = nn.ModuleList(
+                MaskHead(in_channels, cfg.mask_conv_channels, cfg.mask_num_convs, num_classes,
+                         with_conv_res=self.mask_info_flow and t > 0)
+                for t in range(self.num_stages))
+        self.semantic_head = None
+        if htc and cfg.with_semantic:
+            self.semantic_head = SemanticHead(in_channels, num_feature_levels, cfg.semantic_num_classes,
+                                              cfg.semantic_fusion_level)
+        self.assigners = [MaxIoUAssigner(iou, iou, iou, cfg.match_low_quality) for iou in cfg.iou_thresholds]
+
+    @property
+    def with_mask(self) -> bool:
+        return self.mask_head is not None
+
+    # ---------------------------------------------------------------------------------------------- features
+
+    def _roi_features(self, features, rois: Tensor, size: int, semantic_feat: Tensor | None) -> Tensor:
+        feats = multi_scale_roi_align(features[: len(self.strides)], rois, size, self.strides,
+                                      finest_scale=self.cfg.finest_scale, sampling_ratio=0, aligned=True)
+        if semantic_feat is not None:
+            # the semantic map (stride 8) is pooled at 14x14 for both branches, then averaged down for boxes
+            stride = self.strides[self.cfg.semantic_fusion_level]
+            sem = roi_align(semantic_feat, rois, self.cfg.mask_roi_size, spatial_scale=1.0 / stride,
+                            sampling_ratio=0, aligned=True)
+            if sem.shape[-1] != size:
+                sem = F.adaptive_avg_pool2d(sem, size)
+            feats = feats + sem
+        return feats
+
+    def _bbox_forward(self, stage: int, features, rois: Tensor, semantic_feat) -> tuple[Tensor, Tensor]:
+        return self.bbox_head[stage](self._roi_features(features, rois, self.cfg.roi_size, semantic_feat))
+
+    def _mask_logits(self, stage: int, mask_feats: Tensor) -> list[Tensor]:
+        """Logits of stages 0..stage on the same RoI features; with info flow each passes its feature on."""
+        logits, last_feat = [], None
+        for t in range(stage + 1):
+            out, feat = self.mask_head[t](mask_feats, last_feat)
+            logits.append(out)
+            if self.mask_info_flow:
+                last_feat = feat
+        return logits
+
+    def _refine(self, stage: int, rois: Tensor, cls_score: Tensor, deltas: Tensor, image_sizes,
+                labels: Tensor | None = None) -> list[Tensor]:
+        """Decode this stage's deltas onto its RoIs, per image, clipped: the next stage's boxes."""
+        if labels is None or not self.cfg.reg_class_agnostic:
+            predicted = cls_score[:, :-1].argmax(1)
+            labels = predicted if labels is None else torch.where(labels == self.num_classes, predicted, labels)
+        deltas = self.bbox_head[stage].select_deltas(deltas, labels)
+        out = []
+        for i, size in enumerate(image_sizes):
+            keep = rois[:, 0] == i
+            out.append(decode_boxes(rois[keep, 1:], deltas[keep], stds=self.cfg.bbox_stds[stage], max_shape=size))
+        return out
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def loss(self, features, proposals, image_sizes, targets, scale_factors) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        semantic_feat = None
+        if self.semantic_head is not None:
+            if any("semantic" not in t for t in targets):
+                raise DatasetError("HTC with the semantic branch needs a 'semantic' label map in every target "
+                                   "(give data.train_semantic, or let the dataset derive things-only maps)")
+            sem_logits, semantic_feat = self.semantic_head(features)
+            padded = tuple(s * 4 for s in features[0].shape[-2:])  # P2 has stride 4
+            labels = semantic_targets(targets, image_sizes, padded, sem_logits.shape[-2:], self.semantic_head.num_classes)
+            losses["loss_semantic_seg"] = self.semantic_head.loss(sem_logits, labels) * self.cfg.semantic_loss_weight
+        for t in range(self.num_stages):
+            sampled = sample_rois(proposals, targets, self.assigners[t], self.cfg, self.num_classes)
+            rois = boxes_to_rois(sampled.boxes)
+            labels = torch.cat(sampled.labels)
+            cls_score, deltas = self._bbox_forward(t, features, rois, semantic_feat)
+            stage = self.bbox_head[t].loss(cls_score, deltas, labels,
+                                           delta_targets(sampled, targets, self.cfg.bbox_stds[t]),
+                                           self.cfg.loss_bbox, self.cfg.smooth_l1_beta)
+            last = t == self.num_stages - 1
+            refined = None
+            if self.interleaved or not last:
+                with torch.no_grad():
+                    refined = self._drop_gt_proposals(
+                        self._refine(t, rois, cls_score, deltas, image_sizes, labels), sampled)
+            if self.with_mask:
+                # interleaved: the mask learns on the boxes this stage has just refined, re-sampled at its IoU
+                mask_sampled = (sample_rois(refined, targets, self.assigners[t], self.cfg, self.num_classes)
+                                if self.interleaved else sampled)
+                stage["loss_mask"] = self._mask_loss(t, features, mask_sampled, targets, scale_factors, semantic_feat)
+            weight = self.cfg.stage_loss_weights[t]
+            for name, value in stage.items():
+                losses[f"s{t}.{name}"] = value * weight if "loss" in name else value
+            if not last:
+                proposals = refined
+        return losses
+
+    @staticmethod
+    def _drop_gt_proposals(refined: list[Tensor], sampled: SampledRoIs) -> list[Tensor]:
+        """The gt boxes that were added as proposals are not passed on to the next stage."""
+        out = []
+        for boxes, is_gt, num in zip(refined, sampled.pos_is_gt, sampled.num_pos):
+            keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+            keep[:num] = ~is_gt
+            out.append(boxes[keep])
+        return out
+
+    def _mask_loss(self, stage, features, sampled: SampledRoIs, targets, scale_factors, semantic_feat) -> Tensor:
+        pos_boxes = sampled.pos_boxes()
+        mask_feats = self._roi_features(features, boxes_to_rois(pos_boxes), self.cfg.mask_roi_size, semantic_feat)
+        logits = self._mask_logits(stage, mask_feats)[-1]
+        target = positive_mask_targets(pos_boxes, sampled.pos_gt_inds, targets, scale_factors, logits.shape[-1])
+        labels = torch.cat([l[:p] for l, p in zip(sampled.labels, sampled.num_pos)])
+        return mask_loss(logits, labels, target)
+
+    # ---------------------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def predict(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+        semantic_feat = self.semantic_head(features)[1] if self.semantic_head is not None else None
+        rois = boxes_to_rois(proposals)
+        stage_logits = []
+        for t in range(self.num_stages):
+            cls_score, deltas = self._bbox_forward(t, features, rois, semantic_feat)
+            stage_logits.append(cls_score)
+            if t < self.num_stages - 1:
+                rois = boxes_to_rois(self._refine(t, rois, cls_score, deltas, image_sizes))
+        # the score ensemble: mean of the stages' raw logits, then softmax; boxes from the last stage
+        scores = torch.stack(stage_logits).float().mean(0).softmax(-1)
+        last = self.num_stages - 1
+        detections = []
+        for i, size in enumerate(image_sizes):
+            keep = rois[:, 0] == i
+            boxes = decode_boxes(rois[keep, 1:], deltas[keep], stds=self.cfg.bbox_stds[last], max_shape=size)
+            boxes = boxes.view(len(boxes), -1, 4)
+            boxes = boxes[:, 0] if boxes.shape[1] == 1 else boxes
+            detections.append(dict(zip(("boxes", "scores", "labels"), multiclass_nms(
+                boxes, scores[keep], self.cfg.score_thr, self.cfg.nms_iou, self.cfg.max_per_img))))
+        if self.with_mask:
+            self._predict_masks(features, detections, semantic_feat)
+        return detections
+
+    def _predict_masks(self, features, detections: list[dict], semantic_feat) -> None:
+        det_boxes = [d["boxes"] for d in detections]
+        size = self.cfg.mask_size
+        if sum(len(b) for b in det_boxes) == 0:
+            for d in detections:
+                d["mask_probs"] = d["boxes"].new_zeros((0, size, size))
+            return
+        mask_feats = self._roi_features(features, boxes_to_rois(det_boxes), self.cfg.mask_roi_size, semantic_feat)
+        labels = torch.cat([d["labels"] for d in detections])
+        index = torch.arange(len(labels), device=labels.device)
+        probs = [logits[index, labels].float().sigmoid() for logits in self._mask_logits(self.num_stages - 1, mask_feats)]
+        if self.cfg.mask_ensemble == "mean":
+            mask = torch.stack(probs).mean(0)
+        elif self.cfg.mask_ensemble == "last":
+            mask = probs[-1]
+        else:
+            raise ValueError(f"roi_head.mask_ensemble must be 'mean' or 'last', got '{self.cfg.mask_ensemble}'")
+        for d, p in zip(detections, mask.split([len(b) for b in det_boxes])):
+            d["mask_probs"] = p
+
+
+def build_cascade_head(cfg: RoIHeadConfig, num_classes: int, in_channels: int, num_feature_levels: int = 5):
+    return CascadeRoIHead(cfg, num_classes, in_channels, num_feature_levels=num_feature_levels)
