@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max
     print(f"[2/4] training {preset} for {cfg.train.max_iters} iterations -> {run_dir}")
     metrics = run_training(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pth").exists(), progress=progress)
     print("[3/4] evaluation on the validation split")
-    eval_metrics = metrics.get("eval", metrics)
+    eval_metrics = {k: metrics[k] for k in ("bbox", "segm") if k in metrics}
     print(format_metrics(eval_metrics, title=preset))
     pictures = out / "predictions"
     val_images = sorted((data_dir / "images" / "val").iterdir())[:8]

@@ -58,6 +58,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool | str = False
         model_cfg = dataclasses.replace(model_cfg, roi_head=dataclasses.replace(
             model_cfg.roi_head, semantic_num_classes=train_set.num_classes + 1))
     cfg = dataclasses.replace(cfg, model=model_cfg)
+    torch.manual_seed(cfg.train.seed)  # the initial weights depend on the seed too
     model = build_from_config(model_cfg)
     init = weights or cfg.model.weights
     if init and not resume:

@@ -1,11 +1,9 @@
 """The training loop, on a model with three parameters and a dataset of ten 4x6 images."""
 import json
-import math
 import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np

@@ -129,6 +129,8 @@ def coco_eval(coco_gt, results: list[dict], iou_type: str, *, img_ids: Iterable[
     # loadRes modifies its input and, when a result has a bbox, uses the box area even for mask AP: give it
     # fresh dicts holding only the geometry this iou_type scores.
     geometry = "bbox" if iou_type == "bbox" else "segmentation"
+    if geometry not in results[0]:
+        raise ValueError(f"cannot compute {iou_type} AP: the results have no '{geometry}' (the model gave no masks?)")
     detections = [{"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"],
                    geometry: r[geometry]} for r in results]
     with contextlib.redirect_stdout(log if log is not None else io.StringIO()):

@@ -152,6 +152,12 @@ class _Trainer:
         if resume:
             self._resume(self.checkpoint_dir / "latest.pth" if resume is True else Path(resume))
         start = self.iteration
+        if self.is_main and self.metrics_path.exists():
+            # drop what an earlier run logged after `start`: all of it for a fresh run, the iterations an
+            # interrupted run did after its last checkpoint for a resumed one
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= start]
+            atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
         bar = tqdm(total=self.max_iters, initial=start, desc="train", dynamic_ncols=True,
                    disable=not (progress and self.is_main))
         with bar:
@@ -211,6 +217,10 @@ class _Trainer:
                 if self.iteration >= self.max_iters:
                     break
                 tick = time.perf_counter()
+            if self.iteration < self.max_iters and self.iteration % self.iters_per_epoch != 0:
+                raise TrainingError(f"the batch sampler ended epoch {epoch + 1} after "
+                                    f"{self.iteration - epoch * self.iters_per_epoch} batches, but its len() is "
+                                    f"{self.iters_per_epoch}")
         return last_entry
 
     def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
@@ -324,10 +334,6 @@ class _Trainer:
         _set_rng_state(rng_states[self.rank % len(rng_states)])
         self.iteration = int(state["meta"]["iteration"])
         self.last_checkpoint = path
-        if self.is_main and self.metrics_path.exists():  # drop entries the interrupted run logged after `path`
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
-            atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
 
     def _amp_dtype(self) -> torch.dtype | None:
         if not self.cfg.train.amp:

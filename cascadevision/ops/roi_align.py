@@ -226,6 +226,17 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     return _Plan(order, base[order], weights_y[order], weights_x[order], chunks)
 
 
+def _channels_last_table(features: Tensor) -> Tensor:
+    """(N * H * W, C) view (channels-last input) or copy of an (N, C, H, W) map."""
+    return features.permute(0, 2, 3, 1).contiguous().view(-1, features.shape[1])
+
+
+def _patch_pixels(base: Tensor, rows: int, cols: int, width: int) -> Tensor:
+    """(n, rows, cols) flat pixel index of every patch pixel, from each patch's top-left pixel `base` (n,)."""
+    offsets = torch.arange(rows, device=base.device)[:, None] * width + torch.arange(cols, device=base.device)
+    return base[:, None, None] + offsets
+
+
 class _RoIAlign(torch.autograd.Function):
     """Multi-level RoIAlign; `levels[k]` picks the map (and scale) RoI k is pooled from."""
 
@@ -241,22 +252,16 @@ class _RoIAlign(torch.autograd.Function):
         tables: dict[int, Tensor] = {}
         for level, start, stop, rows, cols in plan.chunks:
             if level not in tables:  # (N * H * W, C): each pixel's channels contiguous
-                tables[level] = features[level].permute(0, 2, 3, 1).reshape(-1, channels)
-            table = tables[level]
-            width = sizes[level][1]
+                tables[level] = _channels_last_table(features[level])
             n = stop - start
-            # (n, rows) flat index of the first pixel of each patch row; a patch row is cols * C contiguous numbers
-            row_starts = plan.base[start:stop, None] + torch.arange(rows, device=table.device) * width
-            row_view = table.as_strided((table.shape[0] - cols + 1, cols * channels), (channels, 1))
-            patch = row_view.index_select(0, row_starts.flatten()).view(n, rows, cols * channels)
+            pixels = _patch_pixels(plan.base[start:stop], rows, cols, sizes[level][1])  # (n, rows, cols)
+            patch = tables[level].index_select(0, pixels.flatten()).view(n, rows, cols * channels)
             patch = patch.to(compute_dtype)
             wy = plan.weights_y[start:stop, :, :rows]  # (n, out_h, rows)
             wx = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
-            # pooled[k, (s, c), ph] = sum_r patch[k, r, (s, c)] * wy[k, ph, r]
-            pooled = torch.bmm(patch.transpose(1, 2), wy.transpose(1, 2))  # (n, cols * C, out_h)
-            # result[k, (c, ph), pw] = sum_s pooled[k, s, (c, ph)] * wx[k, pw, s]
-            result = torch.bmm(pooled.view(n, cols, channels * out_h).transpose(1, 2), wx.transpose(1, 2))
-            out.index_copy_(0, plan.order[start:stop], result.view(n, channels, out_h, out_w).to(out.dtype))
+            pooled = torch.bmm(wy, patch).view(n, out_h, cols, channels)  # rows pooled: (n, out_h, cols, C)
+            result = torch.matmul(wx[:, None], pooled)  # (n, out_h, out_w, C)
+            out.index_copy_(0, plan.order[start:stop], result.permute(0, 3, 1, 2).to(out.dtype, memory_format=torch.contiguous_format))
         ctx.plan = plan
         ctx.meta = (sizes, channels, batch_size, out_h, out_w, compute_dtype, len(features))
         ctx.feature_meta = [(f.dtype, f.device) for f in features]
@@ -277,15 +282,14 @@ class _RoIAlign(torch.autograd.Function):
                 grad_tables[level] = torch.zeros(batch_size * height * width, channels, dtype=compute_dtype,
                                                  device=device)
             n = stop - start
-            grad = grad_out.index_select(0, plan.order[start:stop]).to(compute_dtype).view(n, channels * out_h, out_w)
+            grad = grad_out.index_select(0, plan.order[start:stop]).to(compute_dtype)
+            grad = grad.permute(0, 2, 3, 1)  # (n, out_h, out_w, C)
             wy = plan.weights_y[start:stop, :, :rows]
             wx = plan.weights_x[start:stop, :, :cols]
-            grad_pooled = torch.bmm(wx.transpose(1, 2), grad.transpose(1, 2))  # (n, cols, C * out_h)
-            grad_patch = torch.bmm(wy.transpose(1, 2), grad_pooled.view(n, cols * channels, out_h).transpose(1, 2))
-            pixel = (plan.base[start:stop, None, None]
-                     + torch.arange(rows, device=device)[:, None] * width
-                     + torch.arange(cols, device=device))  # (n, rows, cols)
-            grad_tables[level].index_add_(0, pixel.flatten(), grad_patch.reshape(-1, channels))
+            grad_pooled = torch.matmul(wx.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
+            grad_patch = torch.bmm(wy.transpose(1, 2), grad_pooled.reshape(n, out_h, cols * channels))
+            pixels = _patch_pixels(plan.base[start:stop], rows, cols, width)
+            grad_tables[level].index_add_(0, pixels.flatten(), grad_patch.view(-1, channels))
         grads = []
         for level in range(num_levels):
             if level in grad_tables:
