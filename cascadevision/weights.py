@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import model_config_from_dict, update
-from .engine.checkpoint import load_checkpoint
+from .engine.checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError
 from .hub import resolve
 
@@ -16,19 +16,10 @@ from .hub import resolve
 CLASS_DEPENDENT = ("fc_cls", "fc_reg", "conv_logits")
 
 
-META_KEY = "cascadevision_meta"  # safetensors metadata entry holding our checkpoint meta as JSON
-
-
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, meta) from any supported file; `module.` prefixes (DDP) are stripped."""
     ckpt = load_checkpoint(path)
     meta = {}
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        ckpt = {"state_dict": ckpt, "meta": meta}
     if isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         meta = ckpt.get("meta") or {}
         state = ckpt["state_dict"]
@@ -128,11 +119,8 @@ def model_from_checkpoint(path: str | Path, **overrides):
 
 def convert_to_safetensors(src: str | Path, dst: str | Path) -> int:
     """Write a checkpoint's weights (and our meta, as JSON metadata) to safetensors; returns the tensor count."""
-    from safetensors.torch import save_file
-
     state, meta = read_state_dict(src)
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_file(state, str(dst), metadata={META_KEY: json.dumps(meta, default=str)})
+    save_checkpoint(dst, {"state_dict": state, "meta": json.loads(json.dumps(meta, default=str))})
     return len(state)
 
 

@@ -16,6 +16,7 @@ __all__ = ["batched_nms", "box_area", "box_ioa", "box_iou", "clip_boxes", "decod
 
 _EPS = 1e-6  # smallest union (or area) IoU divides by, as MMDetection's bbox_overlaps: 0 / 0 gives 0, not NaN
 _NMS_BLOCK = 256  # boxes resolved together; the suppression matrix of a block is _NMS_BLOCK^2 booleans
+_NMS_COLUMNS = 16384  # kept boxes a block is tested against at once (bounds the (block, kept) IoU matrix)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -147,6 +148,18 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
                          f"{tuple(scores.shape)}")
 
 
+def _iou_columns(block: Tensor, block_area: Tensor, others: Tensor, others_area: Tensor) -> Tensor:
+    """(B, M) IoU of boxes given as (4, n) coordinate rows (same arithmetic as box_iou, fewer temporaries)."""
+    width = torch.minimum(block[2][:, None], others[2][None, :])
+    width.sub_(torch.maximum(block[0][:, None], others[0][None, :])).clamp_(min=0)
+    height = torch.minimum(block[3][:, None], others[3][None, :])
+    height.sub_(torch.maximum(block[1][:, None], others[1][None, :])).clamp_(min=0)
+    inter = width.mul_(height)
+    union = block_area[:, None] + others_area[None, :]
+    union.sub_(inter).clamp_(min=_EPS)
+    return inter.div_(union)
+
+
 def _greedy_keep(boxes: Tensor, iou_threshold: float, groups: Tensor | None = None) -> Tensor:
     """Positions kept by greedy NMS over `boxes` taken in the given order (sorted by `groups` when given).
 
@@ -156,35 +169,35 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float, groups: Tensor | None = No
     after t rounds the first t entries are final and the first round with no change gives the greedy answer.
     """
     num = boxes.shape[0]
+    coords = boxes.t().contiguous()  # (4, N): x1, y1, x2, y2 rows, so every broadcast below is contiguous
+    areas = (coords[2] - coords[0]) * (coords[3] - coords[1])
     keep = torch.zeros(num, dtype=torch.bool, device=boxes.device)
-    kept_boxes = boxes[:0]
-    kept_groups = groups[:0] if groups is not None else None
+    kept = torch.zeros(0, dtype=torch.long, device=boxes.device)  # positions kept so far, in order
     for start in range(0, num, _NMS_BLOCK):
-        block = boxes[start:start + _NMS_BLOCK]
-        alive = torch.ones(block.shape[0], dtype=torch.bool, device=boxes.device)
-        block_groups = groups[start:start + _NMS_BLOCK] if groups is not None else None
-        if kept_boxes.shape[0]:
-            earlier, earlier_groups = kept_boxes, kept_groups
-            if groups is not None:  # only kept boxes of the block's groups can suppress it
-                first = int(torch.searchsorted(kept_groups, block_groups[:1]))
-                earlier, earlier_groups = kept_boxes[first:], kept_groups[first:]
-            for chunk in range(0, earlier.shape[0], 4 * _NMS_BLOCK * 16):
-                overlap = box_iou(block, earlier[chunk:chunk + 4 * _NMS_BLOCK * 16]) > iou_threshold
-                if groups is not None:
-                    overlap &= block_groups[:, None] == earlier_groups[None, chunk:chunk + 4 * _NMS_BLOCK * 16]
-                alive &= ~overlap.any(1)
-        suppresses = (box_iou(block, block) > iou_threshold).tril_(-1)  # [i, j]: j comes first and overlaps i
+        stop = min(start + _NMS_BLOCK, num)
+        block, block_area = coords[:, start:stop], areas[start:stop]
+        alive = torch.ones(stop - start, dtype=torch.bool, device=boxes.device)
+        earlier = kept
+        if groups is not None and earlier.numel():
+            # boxes are sorted by group: only kept boxes of this block's first group or later can suppress it
+            earlier = earlier[int(torch.searchsorted(groups[earlier], groups[start:start + 1])):]
+        for first in range(0, earlier.numel(), _NMS_COLUMNS):
+            columns = earlier[first:first + _NMS_COLUMNS]
+            iou = _iou_columns(block, block_area, coords[:, columns], areas[columns])
+            if groups is not None:
+                iou.mul_(groups[start:stop, None] == groups[None, columns])
+            alive &= iou.amax(1) <= iou_threshold
+        # [i, j]: box j comes before box i in the block and overlaps it
+        suppresses = (_iou_columns(block, block_area, block, block_area) > iou_threshold).tril_(-1)
         if groups is not None:
-            suppresses &= block_groups[:, None] == block_groups[None, :]
-        suppresses = suppresses.to(block.dtype)
+            suppresses &= groups[start:stop, None] == groups[None, start:stop]
+        suppresses = suppresses.to(boxes.dtype)
         block_keep = alive
         while True:
-            update = alive & ~((suppresses @ block_keep.to(block.dtype)) > 0)
+            update = alive & ((suppresses @ block_keep.to(boxes.dtype)) == 0)
             if torch.equal(update, block_keep):
                 break
             block_keep = update
-        keep[start:start + block.shape[0]] = block_keep
-        kept_boxes = torch.cat([kept_boxes, block[block_keep]])
-        if groups is not None:
-            kept_groups = torch.cat([kept_groups, block_groups[block_keep]])
-    return keep.nonzero().squeeze(1)
+        keep[start:stop] = block_keep
+        kept = torch.cat([kept, block_keep.nonzero().squeeze(1) + start])
+    return kept

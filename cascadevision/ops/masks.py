@@ -13,7 +13,7 @@ from torch import Tensor
 
 __all__ = ["paste_masks"]
 
-_CHUNK_ELEMENTS = 1 << 24  # pixels of the windows pasted together (64 MB in float32)
+_CHUNK_ELEMENTS = 1 << 22  # image pixels pasted together (16 MB in float32)
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -39,31 +39,32 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
     row_hi = (y1.ceil() + 1).clamp(0, height).long()
     col_lo = (x0.floor() - 1).clamp(0, width).long()
     col_hi = (x1.ceil() + 1).clamp(0, width).long()
-    empty = (x1 <= x0) | (y1 <= y0)
-    rows = torch.where(empty, 0, (row_hi - row_lo).clamp(min=0))  # (N,) window height; 0: nothing to paste
-    cols = torch.where(empty, 0, (col_hi - col_lo).clamp(min=0))
+    empty = (x1 <= x0) | (y1 <= y0) | (col_hi <= col_lo)
+    rows = torch.where(empty, 0, (row_hi - row_lo).clamp(min=0))  # (N,) image rows to paste; 0: nothing
 
-    # chunks of masks with similar windows, each padded to its largest window
-    order = torch.sort(rows * cols, stable=True).indices
-    order = order[(rows * cols)[order] > 0]
-    area = (rows * cols)[order]
-    chunk_id = (torch.cumsum(area, 0) - area) // _CHUNK_ELEMENTS
-    _, counts = torch.unique_consecutive(chunk_id, return_counts=True)
-    sizes = []
-    for part in order.split(counts.tolist()):
-        sizes.append(torch.stack([rows[part].max(), cols[part].max()]))
-    sizes = torch.stack(sizes).tolist() if sizes else []
+    # Each mask is pasted as full-width image rows (so rows can be copied in whole); masks of similar heights are
+    # pasted together, padded to the chunk's tallest, in chunks of about _CHUNK_ELEMENTS pixels.
+    order = torch.sort(rows, stable=True).indices
+    order = order[rows[order] > 0]
+    rows_sorted = rows[order]
+    octave = torch.floor(torch.log2(rows_sorted.double().clamp(min=1))).long()
+    before = torch.cumsum(rows_sorted, 0) - rows_sorted
+    octave_first = torch.searchsorted(octave, octave)
+    chunk_key = octave * (num + 1) + (before - before[octave_first]) * width // _CHUNK_ELEMENTS
+    _, inverse, counts = torch.unique_consecutive(chunk_key, return_inverse=True, return_counts=True)
+    tallest = rows_sorted.new_zeros(counts.shape).scatter_reduce_(0, inverse, rows_sorted, "amax")
+    counts, tallest = torch.stack([counts, tallest]).tolist()
 
-    for part, (win_h, win_w) in zip(order.split(counts.tolist()), sizes):
-        top = torch.minimum(row_lo[part], height - torch.tensor(win_h, device=out.device))
-        left = torch.minimum(col_lo[part], width - torch.tensor(win_w, device=out.device))
+    image_cols = torch.arange(width, device=out.device)
+    out_rows = out.view(num * height, width)
+    for part, win_h in zip(order.split(counts), tallest):
+        top = torch.minimum(row_lo[part], torch.full_like(row_lo[part], height - win_h))
         image_rows = top[:, None] + torch.arange(win_h, device=out.device)  # (n, win_h)
-        image_cols = left[:, None] + torch.arange(win_w, device=out.device)  # (n, win_w)
         weights_y = _taps(image_rows, y0[part], y1[part], mask_h, row_lo[part], row_hi[part])  # (n, win_h, h)
-        weights_x = _taps(image_cols, x0[part], x1[part], mask_w, col_lo[part], col_hi[part])  # (n, win_w, w)
-        pasted = torch.bmm(torch.bmm(weights_y, masks[part]), weights_x.transpose(1, 2))  # (n, win_h, win_w)
-        flat = (part[:, None, None] * height + image_rows[:, :, None]) * width + image_cols[:, None, :]
-        out.view(-1).index_put_((flat.flatten(),), pasted.flatten())
+        weights_x = _taps(image_cols.expand(len(part), -1), x0[part], x1[part], mask_w, col_lo[part],
+                          col_hi[part])  # (n, W, w)
+        pasted = torch.bmm(torch.bmm(weights_y, masks[part]), weights_x.transpose(1, 2))  # (n, win_h, W)
+        out_rows.index_copy_(0, (part[:, None] * height + image_rows).flatten(), pasted.view(-1, width))
     return out
 
 

@@ -27,7 +27,7 @@ __all__ = ["map_roi_levels", "multi_scale_roi_align", "roi_align"]
 
 # Elements of one chunk's gathered patch (channels included). 2M fp32 numbers = 8 MB: large enough that each
 # chunk is a few big matmuls, small enough that the patch is still in cache when the matmuls read it.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
@@ -238,7 +238,11 @@ def _patch_pixels(base: Tensor, rows: int, cols: int, width: int) -> Tensor:
 
 
 class _RoIAlign(torch.autograd.Function):
-    """Multi-level RoIAlign; `levels[k]` picks the map (and scale) RoI k is pooled from."""
+    """Multi-level RoIAlign; `levels[k]` picks the map (and scale) RoI k is pooled from.
+
+    The output is computed channels-last, (K, out_h, out_w, C), and returned as its (K, C, out_h, out_w)
+    permuted view: the heads' flatten/conv accept it, and it saves a transpose of the whole output.
+    """
 
     @staticmethod
     def forward(ctx, rois, levels, scales, out_h, out_w, sampling_ratio, aligned, *features):
@@ -248,10 +252,10 @@ class _RoIAlign(torch.autograd.Function):
         sizes = [tuple(f.shape[-2:]) for f in features]
         plan = _make_plan(rois.detach(), levels, sizes, scales, out_h, out_w, sampling_ratio, aligned, channels,
                           batch_size, compute_dtype)
-        out = features[0].new_empty((rois.shape[0], channels, out_h, out_w))
+        out = features[0].new_empty((rois.shape[0], out_h, out_w, channels))
         tables: dict[int, Tensor] = {}
         for level, start, stop, rows, cols in plan.chunks:
-            if level not in tables:  # (N * H * W, C): each pixel's channels contiguous
+            if level not in tables:
                 tables[level] = _channels_last_table(features[level])
             n = stop - start
             pixels = _patch_pixels(plan.base[start:stop], rows, cols, sizes[level][1])  # (n, rows, cols)
@@ -261,44 +265,39 @@ class _RoIAlign(torch.autograd.Function):
             wx = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
             pooled = torch.bmm(wy, patch).view(n, out_h, cols, channels)  # rows pooled: (n, out_h, cols, C)
             result = torch.matmul(wx[:, None], pooled)  # (n, out_h, out_w, C)
-            out.index_copy_(0, plan.order[start:stop], result.permute(0, 3, 1, 2).to(out.dtype, memory_format=torch.contiguous_format))
+            out.index_copy_(0, plan.order[start:stop], result.to(out.dtype))
         ctx.plan = plan
-        ctx.meta = (sizes, channels, batch_size, out_h, out_w, compute_dtype, len(features))
-        ctx.feature_meta = [(f.dtype, f.device) for f in features]
-        return out
+        ctx.meta = (sizes, channels, batch_size, out_h, out_w, compute_dtype, features[0].dtype)
+        return out.permute(0, 3, 1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         plan: _Plan = ctx.plan
-        sizes, channels, batch_size, out_h, out_w, compute_dtype, num_levels = ctx.meta
-        dtype, device = ctx.feature_meta[0]
+        sizes, channels, batch_size, out_h, out_w, compute_dtype, dtype = ctx.meta
+        grad_out = grad_out.permute(0, 2, 3, 1).contiguous()  # (K, out_h, out_w, C); a view if channels-last
         grad_tables: dict[int, Tensor] = {}
         for level, start, stop, rows, cols in plan.chunks:
             if not ctx.needs_input_grad[7 + level]:
                 continue
             height, width = sizes[level]
             if level not in grad_tables:
-                grad_tables[level] = torch.zeros(batch_size * height * width, channels, dtype=compute_dtype,
-                                                 device=device)
+                grad_tables[level] = grad_out.new_zeros((batch_size * height * width, channels), dtype=compute_dtype)
             n = stop - start
-            grad = grad_out.index_select(0, plan.order[start:stop]).to(compute_dtype)
-            grad = grad.permute(0, 2, 3, 1)  # (n, out_h, out_w, C)
+            grad = grad_out.index_select(0, plan.order[start:stop]).to(compute_dtype)  # (n, out_h, out_w, C)
             wy = plan.weights_y[start:stop, :, :rows]
             wx = plan.weights_x[start:stop, :, :cols]
             grad_pooled = torch.matmul(wx.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
-            grad_patch = torch.bmm(wy.transpose(1, 2), grad_pooled.reshape(n, out_h, cols * channels))
+            grad_patch = torch.bmm(wy.transpose(1, 2), grad_pooled.view(n, out_h, cols * channels))
             pixels = _patch_pixels(plan.base[start:stop], rows, cols, width)
             grad_tables[level].index_add_(0, pixels.flatten(), grad_patch.view(-1, channels))
         grads = []
-        for level in range(num_levels):
-            if level in grad_tables:
-                height, width = sizes[level]
+        for level, (height, width) in enumerate(sizes):
+            if not ctx.needs_input_grad[7 + level]:
+                grads.append(None)
+            elif level in grad_tables:  # channels-last strides, like the features' channels-last copy
                 grad = grad_tables[level].view(batch_size, height, width, channels).permute(0, 3, 1, 2)
                 grads.append(grad.to(dtype))
-            elif ctx.needs_input_grad[7 + level]:
-                height, width = sizes[level]
-                grads.append(torch.zeros(batch_size, channels, height, width, dtype=dtype, device=device))
             else:
-                grads.append(None)
+                grads.append(grad_out.new_zeros((batch_size, channels, height, width), dtype=dtype))
         return (None,) * 7 + tuple(grads)

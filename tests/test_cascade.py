@@ -1,0 +1,159 @@
+"""Behaviour of the cascade RoI head: per-stage relabelling, interleaving, mask information flow, semantic
+fusion and the test-time ensembles, each checked against a hand-built expectation."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascadevision.config import RoIHeadConfig
+from cascadevision.errors import DatasetError
+from cascadevision.models.cascade import CascadeRoIHead
+from cascadevision.models.presets import preset_config
+from cascadevision.ops import multi_scale_roi_align, roi_align
+
+CHANNELS = 8
+
+
+def make_head(**changes) -> CascadeRoIHead:
+    base = preset_config("htc_r50_fpn_1x").roi_head
+    cfg = dataclasses.replace(base, fc_channels=16, mask_conv_channels=CHANNELS, semantic_num_classes=4,
+                              add_gt_as_proposals=False, num_samples=64, **changes)
+    torch.manual_seed(0)
+    return CascadeRoIHead(cfg, num_classes=3, in_channels=CHANNELS)
+
+
+def features(size=64):
+    torch.manual_seed(1)
+    return [torch.randn(1, CHANNELS, size // s, size // s) for s in (4, 8, 16, 32, 64)]
+
+
+def target(size=64):
+    mask = torch.zeros(size, size, dtype=torch.uint8)
+    mask[0:40, 0:40] = 1
+    sem = torch.full((size, size), 3, dtype=torch.uint8)
+    sem[:40, :40] = 1
+    return {"boxes": torch.tensor([[0.0, 0, 40, 40]]), "labels": torch.tensor([1]), "masks": mask[None],
+            "semantic": sem}
+
+
+def zero_regression(head):
+    for bbox_head in head.bbox_head:
+        torch.nn.init.zeros_(bbox_head.fc_reg.weight)
+        torch.nn.init.zeros_(bbox_head.fc_reg.bias)
+
+
+def test_each_stage_labels_at_its_own_iou():
+    head = make_head(with_semantic=False, with_mask=False)
+    zero_regression(head)  # refined boxes == input boxes, so only the thresholds change between stages
+    # IoU with the gt (0,0,40,40): 0.4, 0.55, 0.65, 0.75
+    proposals = torch.tensor([[0.0, 0, 40, 16], [0.0, 0, 40, 22], [0.0, 0, 40, 26], [0.0, 0, 40, 30]])
+    seen = {}
+    for t, bbox_head in enumerate(head.bbox_head):
+        original = bbox_head.loss
+
+        def spy(cls_score, deltas, labels, *args, t=t, original=original):
+            seen[t] = labels.clone()
+            return original(cls_score, deltas, labels, *args)
+        bbox_head.loss = spy
+    head.loss(features(), [proposals], [(64, 64)], [target()], [(1.0, 1.0)])
+    positives = {t: int((labels == 1).sum()) for t, labels in seen.items()}
+    assert positives == {0: 3, 1: 2, 2: 1}  # thresholds 0.5, 0.6, 0.7
+    assert all(int((labels == 3).sum()) == 4 - positives[t] for t, labels in seen.items())
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_interleaved_masks_train_on_refined_boxes(interleaved):
+    head = make_head(with_semantic=False, interleaved=interleaved)
+    zero_regression(head)
+    # stage 1 moves every box right by 0.1 * width: dx = 1 with stds 0.1
+    torch.nn.init.constant_(head.bbox_head[0].fc_reg.bias[:1], 1.0)
+    proposals = torch.tensor([[0.0, 0, 40, 40]])
+    mask_boxes = {}
+    original = head._mask_loss
+
+    def spy(stage, features_, sampled, *args):
+        mask_boxes[stage] = torch.cat(sampled.pos_boxes())
+        return original(stage, features_, sampled, *args)
+    head._mask_loss = spy
+    head.loss(features(), [proposals], [(64, 64)], [target()], [(1.0, 1.0)])
+    expected = torch.tensor([[4.0, 0, 44, 40]]) if interleaved else proposals
+    torch.testing.assert_close(mask_boxes[0], expected)
+
+
+@pytest.mark.parametrize("info_flow", [True, False])
+def test_mask_information_flow(info_flow):
+    head = make_head(with_semantic=False, mask_info_flow=info_flow).eval()
+    mask_feats = torch.randn(2, CHANNELS, 14, 14)
+    before = head._mask_logits(2, mask_feats)[-1]
+    with torch.no_grad():
+        head.mask_head[0].convs[0].conv.weight.mul_(3.0)
+    after = head._mask_logits(2, mask_feats)[-1]
+    assert (not torch.allclose(before, after)) is info_flow
+    assert (head.mask_head[1].conv_res is not None) is info_flow
+
+
+def test_semantic_fusion_adds_pooled_semantic_features():
+    head = make_head(with_semantic=True).eval()
+    feats = features()
+    rois = torch.tensor([[0.0, 4, 4, 30, 36]])
+    _, semantic_feat = head.semantic_head(feats)
+    assert semantic_feat.shape[-2:] == feats[1].shape[-2:]  # stride 8
+    plain_box = head._roi_features(feats, rois, 7, None)
+    fused_box = head._roi_features(feats, rois, 7, semantic_feat)
+    fused_mask = head._roi_features(feats, rois, 14, semantic_feat)
+    sem14 = roi_align(semantic_feat, rois, 14, spatial_scale=1 / 8, sampling_ratio=0, aligned=True)
+    torch.testing.assert_close(fused_box, plain_box + F.adaptive_avg_pool2d(sem14, 7))
+    plain_mask = multi_scale_roi_align(feats[:4], rois, 14, (4, 8, 16, 32))
+    torch.testing.assert_close(fused_mask, plain_mask + sem14)
+    assert not torch.allclose(fused_box, plain_box)
+
+
+def test_semantic_loss_and_label_range():
+    head = make_head(with_semantic=True)
+    proposals = [torch.tensor([[0.0, 0, 40, 30]])]
+    losses = head.loss(features(), proposals, [(64, 64)], [target()], [(1.0, 1.0)])
+    assert torch.isfinite(losses["loss_semantic_seg"]) and losses["loss_semantic_seg"] > 0
+    bad = target()
+    bad["semantic"][0, 0] = 7  # the head has 4 classes
+    bad["file_name"] = "img_7.png"
+    with pytest.raises(DatasetError, match="img_7.png: semantic label 7 is outside"):
+        head.loss(features(), proposals, [(64, 64)], [bad], [(1.0, 1.0)])
+
+
+def test_scores_average_logits_before_softmax():
+    head = make_head(with_semantic=False, with_mask=False, score_thr=0.0).eval()
+    zero_regression(head)
+    stage_logits = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 0, 8.0]])
+    for bbox_head, logits in zip(head.bbox_head, stage_logits):
+        torch.nn.init.zeros_(bbox_head.fc_cls.weight)
+        bbox_head.fc_cls.bias.data.copy_(logits)
+    out = head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])[0]
+    expected = stage_logits.mean(0).softmax(0)[:3]
+    mean_of_probs = stage_logits.softmax(1).mean(0)[:3]
+    got = torch.zeros(3)
+    got[out["labels"]] = out["scores"]
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, mean_of_probs, atol=1e-3)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0, 40, 40]]).expand(3, 4))
+
+
+@pytest.mark.parametrize("ensemble", ["mean", "last"])
+def test_mask_ensemble(ensemble):
+    head = make_head(with_semantic=False, mask_ensemble=ensemble, score_thr=0.0, max_per_img=1).eval()
+    feats = features()
+    detections = head.predict(feats, [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])
+    label = detections[0]["labels"]
+    mask_feats = head._roi_features(feats, torch.cat([torch.zeros(1, 1), detections[0]["boxes"]], 1), 14, None)
+    probs = torch.stack([logits[0, label[0]].sigmoid() for logits in head._mask_logits(2, mask_feats)])
+    expected = probs.mean(0) if ensemble == "mean" else probs[-1]
+    torch.testing.assert_close(detections[0]["mask_probs"][0], expected)
+
+
+def test_cascade_mask_rcnn_is_htc_with_switches_off():
+    cfg = preset_config("cascade_mask_rcnn_r50_fpn_1x").roi_head
+    head = CascadeRoIHead(dataclasses.replace(cfg, fc_channels=16, mask_conv_channels=CHANNELS), 3, CHANNELS)
+    assert not head.interleaved and not head.mask_info_flow and head.semantic_head is None
+    assert all(m.conv_res is None for m in head.mask_head)
+    assert [a.pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
+    assert not any(a.match_low_quality for a in head.assigners)
