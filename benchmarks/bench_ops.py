@@ -64,15 +64,17 @@ def run(runs: int) -> list[tuple[str, float]]:
     rois = random_rois(1000, generator)
     rows = []
     for size in (7, 14):
-        rows.append((f"multi_scale_roi_align 1000 RoIs, 256 ch, {size}x{size}",
+        rows.append((f"multi_scale_roi_align 1000 RoIs, 256 ch, {size}x{size} (NCHW features)",
                      median_ms(lambda: multi_scale_roi_align(features, rois, size, STRIDES), runs)))
-        rows.append((f"  same, channels_last features",
+        rows.append((f"multi_scale_roi_align 1000 RoIs, 256 ch, {size}x{size} (channels_last features)",
                      median_ms(lambda: multi_scale_roi_align(features_cl, rois, size, STRIDES), runs)))
     grads = [f.clone().requires_grad_() for f in features]
 
     def forward_backward():
+        for f in grads:
+            f.grad = None
         multi_scale_roi_align(grads, rois[:512], 7, STRIDES).sum().backward()
-    rows.append(("multi_scale_roi_align 512 RoIs 7x7, forward + backward", median_ms(forward_backward, runs)))
+    rows.append(("multi_scale_roi_align 512 RoIs 7x7, forward + backward (NCHW)", median_ms(forward_backward, runs)))
     for num in (2000, 10000):
         boxes, scores = clustered_boxes(num, generator)
         for iou in (0.5, 0.7):

@@ -66,6 +66,15 @@ class RPNConfig:
 
 
 @dataclass
+class EarlyExitConfig:
+    """Region-level early exit in a cascade at test time (off by default) and an image-level time budget."""
+    policy: str = "none"  # "none", "max_prob", "entropy" or "margin"
+    threshold: float = 0.9  # a RoI stops being refined once its confidence passes this (entropy: falls below)
+    background_threshold: float = 0.0  # a RoI is dropped once P(background) >= this; 0 disables
+    time_budget_ms: float = 0.0  # anytime inference: past this the cascade stops at the current stage; 0 = no limit
+
+
+@dataclass
 class RoIHeadConfig:
     type: str = "standard"  # "standard" (Faster/Mask R-CNN), "cascade", "htc"
     num_stages: int = 1
@@ -100,6 +109,7 @@ class RoIHeadConfig:
     semantic_loss_weight: float = 0.2
     semantic_fusion_level: int = 1
     mask_ensemble: str = "mean"  # "mean" of all stages' sigmoid masks, or "last"
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
 
 
 @dataclass

@@ -17,10 +17,20 @@ DEMO_ITERS = 900
 
 
 def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
-    """The small CPU preset, trained on the synthetic dataset at its native size."""
+    """The small CPU preset at half width, trained on the synthetic dataset at its native size.
+
+    Half-width ResNet-18, 64-channel FPN and mask convs, 128 sampled RoIs per image: about 3.4x fewer
+    multiply-accumulates per training step than the plain r18 preset, which is what fits the time budget.
+    """
     cfg = Config(model=preset_config(preset))
     return update(cfg, {
-        "model": {"input": {"scale": [DEMO_SIZE, DEMO_SIZE]}},
+        "model": {
+            "input": {"scale": [DEMO_SIZE, DEMO_SIZE]},
+            "backbone": {"base_channels": 32},
+            "neck": {"out_channels": 64},
+            "rpn": {"feat_channels": 64},
+            "roi_head": {"fc_channels": 256, "mask_conv_channels": 64, "num_samples": 128},
+        },
         "data": {
             "train_ann": str(data_dir / "annotations" / "instances_train.json"),
             "train_images": str(data_dir / "images" / "train"),

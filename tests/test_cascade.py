@@ -157,3 +157,48 @@ def test_cascade_mask_rcnn_is_htc_with_switches_off():
     assert all(m.conv_res is None for m in head.mask_head)
     assert [a.pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
     assert not any(a.match_low_quality for a in head.assigners)
+
+
+def exit_head(policy="max_prob", threshold=0.9, background=0.0):
+    head = make_head(with_semantic=False, score_thr=0.0)
+    head.cfg = dataclasses.replace(head.cfg, early_exit=dataclasses.replace(
+        head.cfg.early_exit, policy=policy, threshold=threshold, background_threshold=background))
+    zero_regression(head)
+    for bbox_head in head.bbox_head:
+        torch.nn.init.zeros_(bbox_head.fc_cls.weight)
+    return head.eval()
+
+
+def test_confident_rois_leave_after_the_first_stage():
+    head = exit_head(threshold=0.9)
+    head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([6.0, 0, 0, 0]))  # P(class 0) = 0.98 after stage 1
+    head.bbox_head[1].fc_cls.bias.data.copy_(torch.tensor([0.0, 9, 0, 0]))  # would change the answer
+    proposals = [torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 30, 50]])]
+    out = head.predict(features(), proposals, [(64, 64)])[0]
+    assert head.exit_counts.rois == [2, 0, 0] and head.exit_counts.exits == [2, 0, 0]
+    top = out["scores"].argmax()
+    assert out["labels"][top] == 0
+    torch.testing.assert_close(out["scores"][top], torch.tensor([6.0, 0, 0, 0]).softmax(0)[0])
+    assert (out["exit_stage"] == 0).all()
+    assert head.exit_counts.masks == [len(out["boxes"]), 0, 0]  # masks from stage 1's head only
+
+
+def test_unconfident_rois_run_every_stage_and_match_the_full_cascade():
+    proposals = [torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 30, 50]])]
+    full = exit_head(policy="none").predict(features(), proposals, [(64, 64)])[0]
+    never = exit_head(threshold=1.01)
+    out = never.predict(features(), proposals, [(64, 64)])[0]
+    assert never.exit_counts.rois == [2, 2, 2]
+    for key in ("boxes", "scores", "labels", "mask_probs"):
+        torch.testing.assert_close(out[key], full[key])
+
+
+def test_background_rois_are_dropped_and_deadline_stops_the_cascade():
+    head = exit_head(policy="none", background=0.5)
+    head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([0.0, 0, 0, 5]))  # P(background) = 0.87
+    out = head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])[0]
+    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.dropped == [1, 0, 0]
+    assert len(out["boxes"]) == 0 and out["mask_probs"].shape == (0, 28, 28)
+    head = exit_head(policy="none")
+    head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)], deadline=0.0)  # already past
+    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]

@@ -32,6 +32,10 @@ def read_keys(name):
 @pytest.mark.parametrize("preset,keys_file,params", [
     ("mask_rcnn_r50_fpn_1x", "mask_rcnn_r50_keys.txt", 44_396_336),
     ("faster_rcnn_r50_fpn_1x", "faster_rcnn_r50_keys.txt", 41_753_056),
+    ("cascade_rcnn_r50_fpn_1x", "cascade_rcnn_r50_keys.txt", 69_394_766),
+    ("cascade_mask_rcnn_r50_fpn_1x", "cascade_mask_rcnn_r50_keys.txt", 77_324_606),
+    ("htc_without_semantic_r50_fpn_1x", "htc_without_semantic_r50_keys.txt", 77_456_190),
+    ("htc_r50_fpn_1x", "htc_r50_keys.txt", 80_258_293),
 ])
 def test_state_dict_matches_mmdetection(preset, keys_file, params):
     expected = read_keys(keys_file)
@@ -42,6 +46,13 @@ def test_state_dict_matches_mmdetection(preset, keys_file, params):
     assert set(expected) - set(ours) == set()
     assert ours == expected
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_htc_r101_parameter_count():
+    with torch.device("meta"):
+        model = build_model("htc_r101_fpn_20e", num_classes=80)
+    assert len(model.state_dict()) == 732
+    assert sum(p.numel() for p in model.parameters()) == 99_250_421
 
 
 def test_resnet_names_match_torchvision_layout():

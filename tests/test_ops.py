@@ -120,6 +120,9 @@ def test_roi_align_adaptive_grid_on_large_rois_and_many_chunks(monkeypatch):
     xy = torch.rand(16, 2, generator=generator) * 10 - 2
     wh = torch.rand(16, 2, generator=generator) * 20 + 5
     rois = torch.cat([torch.randint(0, 3, (16, 1), generator=generator).double(), xy, xy + wh], 1)
+    # small RoIs in the bottom-right corner share chunks with big ones: their padded patch must shift inwards
+    corner = torch.tensor([[0, 24.5, 28.2, 25.9, 29.8], [1, 23.0, 27.0, 27.0, 31.0], [2, 25.2, 29.1, 26.0, 30.0]])
+    rois = torch.cat([rois, corner.double()])
     expected = reference_roi_align(features, rois, (4, 3), 1.0, 0, True)
     torch.testing.assert_close(roi_align(features, rois, (4, 3)), expected, rtol=1e-10, atol=1e-10)
 
@@ -145,6 +148,9 @@ def test_roi_align_on_a_linear_ramp_gives_the_sample_centroid():
     assert pool([-3, 1, 1, 2], False).item() == pytest.approx((0 + 0 + 12.5 + 17.5) / 4)
     # y samples at 3.25 and 3.75 (between the last row and H) read the last row
     assert pool([1, 3, 2, 4], False).item() == pytest.approx(1.5 + 30)
+    # samples exactly at y = H and at x = -1 are still on the map
+    assert pool([1, 3.5, 2, 4.5], False, sampling_ratio=1).item() == pytest.approx(1.5 + 30)
+    assert pool([-1.5, 1, -0.5, 2], False, sampling_ratio=1).item() == pytest.approx(0 + 15)
     # y samples beyond H contribute nothing
     assert pool([0, 5.5, 4, 7], False).item() == 0.0
 
@@ -224,6 +230,8 @@ def test_map_roi_levels_thresholds():
     rois = torch.stack([torch.zeros(8), torch.zeros(8), torch.zeros(8), sides, sides], 1)
     assert map_roi_levels(rois, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert map_roi_levels(rois, 2).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    # MMDetection adds 1e-6 inside the log: a hair under 112 already counts as 112
+    assert map_roi_levels(torch.tensor([[0.0, 0, 0, 111.99995, 111.99995]]), 4).tolist() == [1]
     # the scale is sqrt(w * h): a 56 x 224 box has scale 112
     assert map_roi_levels(torch.tensor([[0.0, 10, 10, 66, 234]]), 4).tolist() == [1]
 
@@ -271,6 +279,19 @@ def test_box_iou_ioa_and_area_by_hand():
     assert box_iou(torch.zeros(0, 4), b).shape == (0, 3)
     degenerate = torch.tensor([[1.0, 1, 1, 1]])
     assert box_iou(degenerate, degenerate).item() == 0.0  # no NaN for an empty union
+
+
+def test_box_iou_random_boxes_in_blocks_and_gradient(monkeypatch):
+    monkeypatch.setattr(boxes_module, "_PAIRWISE_ELEMENTS", 20)  # several row blocks
+    generator = torch.Generator().manual_seed(14)
+    xy = torch.rand(9, 2, generator=generator, dtype=torch.float64) * 20
+    boxes1 = torch.cat([xy, xy + torch.rand(9, 2, generator=generator, dtype=torch.float64) * 10], 1)
+    xy = torch.rand(7, 2, generator=generator, dtype=torch.float64) * 20
+    boxes2 = torch.cat([xy, xy + torch.rand(7, 2, generator=generator, dtype=torch.float64) * 10], 1)
+    expected = torch.tensor([[_iou(a, b) for b in boxes2.tolist()] for a in boxes1.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(box_iou(boxes1, boxes2), expected)
+    boxes1.requires_grad_()
+    assert torch.autograd.gradcheck(lambda b: box_iou(b, boxes2), (boxes1,))
 
 
 def test_clip_boxes():

@@ -88,12 +88,15 @@ class WarmupMultiStepLR:
 
 
 def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Path, *, val_dataset=None,
-          resume: bool | str | Path = False, progress: bool = True, find_unused_parameters: bool = False) -> dict:
+          resume: bool | str | Path = False, progress: bool = True, find_unused_parameters: bool = False,
+          evaluate_fn=None) -> dict:
     """Train `model` on `train_dataset` as `cfg.train` says; returns the last logged metrics (+ eval metrics).
 
     The same call works in one process and under `torchrun --nproc_per_node N` (one process per device,
     `cfg.data.batch_size` images per process). `resume=True` continues from `out_dir/checkpoints/latest.pth`,
     a path continues from that checkpoint. A non-finite loss raises TrainingError.
+    `evaluate_fn(model, val_dataset, *, out_dir, device, progress, num_workers) -> dict` scores the model on
+    `val_dataset` at the end (default: COCO `evaluator.evaluate`).
     """
     created_group = not torch.distributed.is_initialized()
     device = _resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -102,7 +105,7 @@ def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Pat
         torch.cuda.set_device(device)
     try:
         return _Trainer(cfg, model, train_dataset, Path(out_dir), device, rank, world_size,
-                        find_unused_parameters).run(val_dataset, resume, progress)
+                        find_unused_parameters).run(val_dataset, resume, progress, evaluate_fn)
     finally:
         if created_group:
             dist_utils.cleanup()
@@ -145,7 +148,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------------------
 
-    def run(self, val_dataset, resume: bool | str | Path, progress: bool) -> dict:
+    def run(self, val_dataset, resume: bool | str | Path, progress: bool, evaluate_fn=None) -> dict:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
@@ -171,9 +174,10 @@ class _Trainer:
                 from ..visualize import plot_loss_curve
                 plot_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png")
         if val_dataset is not None and self.cfg.train.eval_at_end:
-            from .evaluator import evaluate
-            metrics = evaluate(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
-                               progress=progress, num_workers=self.cfg.data.num_workers)
+            if evaluate_fn is None:
+                from .evaluator import evaluate as evaluate_fn
+            metrics = evaluate_fn(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
+                                  progress=progress, num_workers=self.cfg.data.num_workers)
             if self.is_main:
                 self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
             result.update(metrics)

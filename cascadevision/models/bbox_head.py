@@ -65,11 +65,13 @@ class BBoxHead(nn.Module):
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "acc": acc.detach()}
 
 
-def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_num: int):
+def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_num: int,
+                   return_index: bool = False):
     """Per-class NMS over every (box, class) pair scoring above `score_thr`.
 
     boxes: (K, 4) shared by all classes or (K, C, 4); scores: (K, C + 1) probabilities, background last.
-    Returns boxes (N, 4), scores (N,), labels (N,) sorted by decreasing score, N <= max_num.
+    Returns boxes (N, 4), scores (N,), labels (N,) sorted by decreasing score, N <= max_num, and with
+    `return_index` the row of `boxes` each detection came from.
     """
     num_classes = scores.shape[1] - 1
     scores = scores[:, :num_classes]
@@ -79,4 +81,6 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     rows, labels = valid.nonzero(as_tuple=True)
     boxes, scores = boxes[rows, labels], scores[rows, labels]
     keep = batched_nms(boxes.float(), scores.float(), labels, iou_threshold)[:max_num]
+    if return_index:
+        return boxes[keep], scores[keep], labels[keep], rows[keep]
     return boxes[keep], scores[keep], labels[keep]

@@ -13,6 +13,10 @@ With all three off this is Cascade Mask R-CNN; without masks it is Cascade R-CNN
 """
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -204,49 +208,122 @@ class CascadeRoIHead(nn.Module):
     # ---------------------------------------------------------------------------------------------- inference
 
     @torch.no_grad()
-    def predict(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+    def predict(self, features, proposals, image_sizes, deadline: float | None = None) -> list[dict[str, Tensor]]:
+        """Run the stages, each on the boxes the previous one refined, then per-class NMS and the masks.
+
+        Scores are the softmax of the mean of the stages' raw logits; boxes come from the last stage. With
+        `cfg.early_exit` a RoI may leave after any stage (confident: its box and score so far are final;
+        confidently background: dropped), and past `deadline` (a `time.perf_counter()` value) every RoI
+        leaves at the current stage. Only the RoIs still in the cascade are computed by the next stage.
+        """
+        exit_cfg = self.cfg.early_exit
         semantic_feat = self.semantic_head(features)[1] if self.semantic_head is not None else None
         rois = boxes_to_rois(proposals)
-        stage_logits = []
+        logit_sum = None
+        finished = []  # (rois (k,5) with refined boxes, mean logits (k, C+1), exit stage)
+        stats = StageCounts(self.num_stages)
         for t in range(self.num_stages):
+            stats.rois[t] += len(rois)
             cls_score, deltas = self._bbox_forward(t, features, rois, semantic_feat)
-            stage_logits.append(cls_score)
-            if t < self.num_stages - 1:
-                rois = boxes_to_rois(self._refine(t, rois, cls_score, deltas, image_sizes))
-        # the score ensemble: mean of the stages' raw logits, then softmax; boxes from the last stage
-        scores = torch.stack(stage_logits).float().mean(0).softmax(-1)
-        last = self.num_stages - 1
-        detections = []
-        for i, size in enumerate(image_sizes):
-            keep = rois[:, 0] == i
-            boxes = decode_boxes(rois[keep, 1:], deltas[keep], stds=self.cfg.bbox_stds[last], max_shape=size)
-            boxes = boxes.view(len(boxes), -1, 4)
-            boxes = boxes[:, 0] if boxes.shape[1] == 1 else boxes
-            detections.append(dict(zip(("boxes", "scores", "labels"), multiclass_nms(
-                boxes, scores[keep], self.cfg.score_thr, self.cfg.nms_iou, self.cfg.max_per_img))))
+            logit_sum = cls_score.float() if logit_sum is None else logit_sum + cls_score.float()
+            mean_logits = logit_sum / (t + 1)
+            refined = boxes_to_rois(self._refine(t, rois, cls_score, deltas, image_sizes))
+            if t == self.num_stages - 1 or (deadline is not None and time.perf_counter() > deadline):
+                finished.append((refined, mean_logits, t))
+                stats.exits[t] += len(refined)
+                break
+            # the next stage refines the boxes this stage produced (its own stds apply to them)
+            done, dropped = exit_decisions(mean_logits.softmax(-1), exit_cfg)
+            if done.any():
+                finished.append((refined[done], mean_logits[done], t))
+            stats.exits[t] += int(done.sum())
+            stats.dropped[t] += int(dropped.sum())
+            keep = ~(done | dropped)
+            rois, logit_sum = refined[keep], logit_sum[keep]
+            if len(rois) == 0:
+                break
+        self.exit_counts = stats
+        detections = self._detect(finished, image_sizes)
         if self.with_mask:
             self._predict_masks(features, detections, semantic_feat)
         return detections
 
+    def _detect(self, finished, image_sizes) -> list[dict[str, Tensor]]:
+        if not finished:
+            empty = self.bbox_head[0].fc_cls.weight.new_zeros((0, 5))
+            finished = [(empty, empty.new_zeros((0, self.num_classes + 1)), 0)]
+        rois = torch.cat([f[0] for f in finished])
+        scores = torch.cat([f[1] for f in finished]).softmax(-1)
+        stages = torch.cat([torch.full((len(f[0]),), f[2], dtype=torch.long, device=rois.device) for f in finished])
+        detections = []
+        for i in range(len(image_sizes)):
+            keep = rois[:, 0] == i
+            boxes, det_scores, labels, index = multiclass_nms(rois[keep, 1:], scores[keep], self.cfg.score_thr,
+                                                               self.cfg.nms_iou, self.cfg.max_per_img,
+                                                               return_index=True)
+            detections.append({"boxes": boxes, "scores": det_scores, "labels": labels,
+                               "exit_stage": stages[keep][index]})
+        return detections
+
     def _predict_masks(self, features, detections: list[dict], semantic_feat) -> None:
+        """Adds `mask_probs` (N, S, S): the ensemble of the mask heads of the stages each detection went through."""
         det_boxes = [d["boxes"] for d in detections]
         size = self.cfg.mask_size
-        if sum(len(b) for b in det_boxes) == 0:
-            for d in detections:
-                d["mask_probs"] = d["boxes"].new_zeros((0, size, size))
-            return
-        mask_feats = self._roi_features(features, boxes_to_rois(det_boxes), self.cfg.mask_roi_size, semantic_feat)
+        rois = boxes_to_rois(det_boxes)
         labels = torch.cat([d["labels"] for d in detections])
-        index = torch.arange(len(labels), device=labels.device)
-        probs = [logits[index, labels].float().sigmoid() for logits in self._mask_logits(self.num_stages - 1, mask_feats)]
-        if self.cfg.mask_ensemble == "mean":
-            mask = torch.stack(probs).mean(0)
-        elif self.cfg.mask_ensemble == "last":
-            mask = probs[-1]
-        else:
-            raise ValueError(f"roi_head.mask_ensemble must be 'mean' or 'last', got '{self.cfg.mask_ensemble}'")
-        for d, p in zip(detections, mask.split([len(b) for b in det_boxes])):
+        exit_stage = torch.cat([d["exit_stage"] for d in detections])
+        probs = rois.new_zeros((len(rois), size, size))
+        for stage in exit_stage.unique().tolist():  # at most num_stages groups
+            group = exit_stage == stage
+            mask_feats = self._roi_features(features, rois[group], self.cfg.mask_roi_size, semantic_feat)
+            index = torch.arange(int(group.sum()), device=rois.device)
+            stage_probs = [logits[index, labels[group]].float().sigmoid()
+                           for logits in self._mask_logits(stage, mask_feats)]
+            if self.cfg.mask_ensemble == "mean":
+                probs[group] = torch.stack(stage_probs).mean(0)
+            elif self.cfg.mask_ensemble == "last":
+                probs[group] = stage_probs[-1]
+            else:
+                raise ValueError(f"roi_head.mask_ensemble must be 'mean' or 'last', got '{self.cfg.mask_ensemble}'")
+            self.exit_counts.masks[stage] += int(group.sum())
+        for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):
             d["mask_probs"] = p
+
+
+@dataclass
+class StageCounts:
+    """What one forward pass of the cascade computed: RoIs entering each stage, leaving after it
+    (confident), dropped after it (background), and detections whose masks used stages 0..t."""
+    num_stages: int
+    rois: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    masks: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("rois", "exits", "dropped", "masks"):
+            if not getattr(self, name):
+                setattr(self, name, [0] * self.num_stages)
+
+
+def exit_decisions(probs: Tensor, cfg) -> tuple[Tensor, Tensor]:
+    """(leave, drop) masks for RoIs with class probabilities `probs` (K, C+1), background last."""
+    drop = probs[:, -1] >= cfg.background_threshold if cfg.background_threshold > 0 else probs.new_zeros(
+        len(probs), dtype=torch.bool)
+    if cfg.policy == "none":
+        return probs.new_zeros(len(probs), dtype=torch.bool), drop
+    fg = probs[:, :-1]
+    if cfg.policy == "max_prob":
+        leave = fg.max(1).values >= cfg.threshold
+    elif cfg.policy == "margin":
+        top2 = probs.topk(2, dim=1).values
+        leave = (top2[:, 0] - top2[:, 1] >= cfg.threshold) & (probs.argmax(1) < fg.shape[1])
+    elif cfg.policy == "entropy":
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(probs.shape[1])
+        leave = (entropy <= cfg.threshold) & (probs.argmax(1) < fg.shape[1])
+    else:
+        raise ValueError(f"roi_head.early_exit.policy must be none, max_prob, entropy or margin, got '{cfg.policy}'")
+    return leave & ~drop, drop
 
 
 def build_cascade_head(cfg: RoIHeadConfig, num_classes: int, in_channels: int, num_feature_levels: int = 5):

@@ -105,7 +105,7 @@ class StandardRoIHead(nn.Module):
         return losses
 
     @torch.no_grad()
-    def predict(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
+    def predict(self, features, proposals, image_sizes, deadline: float | None = None) -> list[dict[str, Tensor]]:
         rois = boxes_to_rois(proposals)
         cls_score, deltas = self.bbox_head(self._pool(features, rois, self.cfg.roi_size))
         scores = cls_score.float().softmax(-1)

@@ -16,6 +16,7 @@ __all__ = ["batched_nms", "box_area", "box_ioa", "box_iou", "clip_boxes", "decod
 
 _EPS = 1e-6  # smallest union (or area) IoU divides by, as MMDetection's bbox_overlaps: 0 / 0 gives 0, not NaN
 _NMS_BLOCK = 256  # boxes resolved together; the suppression matrix of a block is _NMS_BLOCK^2 booleans
+_PAIRWISE_ELEMENTS = 1 << 22  # box_iou/box_ioa compute (rows, M) blocks of at most this many pairs
 _NMS_COLUMNS = 16384  # kept boxes a block is tested against at once (bounds the (block, kept) IoU matrix)
 
 
@@ -29,27 +30,35 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def _intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    top_left = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    size = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
-    return size[..., 0] * size[..., 1]
-
-
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """(N, M) intersection over union of (N, 4) and (M, 4) boxes."""
-    dtype = _compute_dtype(boxes1, boxes2)
-    boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
-    inter = _intersection(boxes1, boxes2)
-    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
-    return inter / union.clamp(min=_EPS)
+    """(N, M) intersection over union of (N, 4) and (M, 4) boxes. Differentiable."""
+    return _pairwise_overlap(boxes1, boxes2, over_union=True)
 
 
 def box_ioa(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """(N, M) intersection over the area of boxes1 (MMDetection's "iof"), e.g. how much of a box a crowd covers."""
+    return _pairwise_overlap(boxes1, boxes2, over_union=False)
+
+
+def _pairwise_overlap(boxes1: Tensor, boxes2: Tensor, over_union: bool) -> Tensor:
+    """IoU or IoA, a block of rows of boxes1 at a time so that the temporaries stay small (gt x 200k anchors)."""
     dtype = _compute_dtype(boxes1, boxes2)
     boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
-    return _intersection(boxes1, boxes2) / box_area(boxes1)[:, None].clamp(min=_EPS)
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    x1, y1, x2, y2 = boxes2.t().contiguous()  # (M,) each
+    out = boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+    step = max(_PAIRWISE_ELEMENTS // max(boxes2.shape[0], 1), 1)
+    for start in range(0, boxes1.shape[0], step):
+        part = boxes1[start:start + step]
+        width = (torch.minimum(part[:, 2:3], x2) - torch.maximum(part[:, 0:1], x1)).clamp(min=0)
+        height = (torch.minimum(part[:, 3:4], y2) - torch.maximum(part[:, 1:2], y1)).clamp(min=0)
+        inter = width * height
+        if over_union:
+            denominator = area1[start:start + step, None] + area2 - inter
+        else:
+            denominator = area1[start:start + step, None].expand_as(inter)
+        out[start:start + step] = inter / denominator.clamp(min=_EPS)
+    return out
 
 
 def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -171,7 +180,6 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float, groups: Tensor | None = No
     num = boxes.shape[0]
     coords = boxes.t().contiguous()  # (4, N): x1, y1, x2, y2 rows, so every broadcast below is contiguous
     areas = (coords[2] - coords[0]) * (coords[3] - coords[1])
-    keep = torch.zeros(num, dtype=torch.bool, device=boxes.device)
     kept = torch.zeros(0, dtype=torch.long, device=boxes.device)  # positions kept so far, in order
     for start in range(0, num, _NMS_BLOCK):
         stop = min(start + _NMS_BLOCK, num)
@@ -198,6 +206,5 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float, groups: Tensor | None = No
             if torch.equal(update, block_keep):
                 break
             block_keep = update
-        keep[start:stop] = block_keep
         kept = torch.cat([kept, block_keep.nonzero().squeeze(1) + start])
     return kept

@@ -6,9 +6,14 @@ average is linear, so one RoI's output is two small matrix products over the pat
     out[c] = Ay (out_h, R) @ patch[c] (R, S) @ Ax^T (S, out_w)
 
 where row `ph` of `Ay` holds the summed (and 1/grid_h-scaled) interpolation weights of bin `ph`'s sample rows.
-The patches are gathered from a channels-last copy of the map (each pixel is C contiguous numbers), RoIs are
-sorted by patch size and processed in chunks that fit in cache, and every chunk is two batched matmuls. The
-backward pass is the transpose: two matmuls and an `index_add_` into the gradient of the map.
+The patches are gathered from a channels-last copy of the map (each patch row is one contiguous run of
+cols * C numbers), RoIs are sorted by patch size and processed in chunks that fit in cache, and every chunk
+is two batched matmuls. The backward pass is the transpose: two matmuls and an `index_add_` into the gradient
+of the map. Nothing loops over RoIs, bins or samples in Python; the loop is over chunks only.
+
+The result is computed channels-last and returned as a (K, C, out_h, out_w) view with channels-last strides
+(`memory_format=torch.channels_last`): flatten, convolutions and additions take it as is; call `.contiguous()`
+before `.view(...)`. Feeding channels-last feature maps saves the copy of the map into channels-last layout.
 
 Sample rules copied from the reference kernels: a sample with y < -1 or y > H (x likewise) adds 0; otherwise
 y is clamped to >= 0, and a sample at or beyond row H - 1 reads row H - 1 only. The divisor is always
@@ -16,18 +21,19 @@ grid_h * grid_w, whether or not samples fell off the map.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["map_roi_levels", "multi_scale_roi_align", "roi_align"]
 
-# Elements of one chunk's gathered patch (channels included). 2M fp32 numbers = 8 MB: large enough that each
-# chunk is a few big matmuls, small enough that the patch is still in cache when the matmuls read it.
-_CHUNK_ELEMENTS = 1 << 19
+# Numbers (channels included) gathered per chunk: 1M fp32 = 4 MB, small enough that the patch is still in cache
+# when the two matmuls read it, large enough that a chunk is ~100 us of work. Smaller is slower (Python
+# overhead per chunk, worse multi-threading); larger is slower too (cache misses), measured on CPU.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
@@ -37,8 +43,9 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     features: (N, C, H, W); rois: (K, 5) as (batch_index, x1, y1, x2, y2) in input-image pixels, mapped to the
     map by `spatial_scale`. `aligned=True` shifts the RoI by -0.5 pixel (pixel centres); `aligned=False` keeps
     the legacy behaviour and clamps the RoI size to >= 1. `sampling_ratio=0` takes ceil(roi_size / output_size)
-    samples per bin along each axis, per RoI. Returns (K, C, out_h, out_w) in the dtype of `features`;
-    differentiable with respect to `features` (not `rois`).
+    samples per bin along each axis, per RoI. Returns (K, C, out_h, out_w) in the dtype of `features` with
+    channels-last strides; differentiable with respect to `features` (not `rois`). Half-precision features are
+    pooled in float32.
 
     Channels-last `features` (`memory_format=torch.channels_last`) skip one copy of the map.
     """
@@ -68,10 +75,12 @@ def multi_scale_roi_align(features: Sequence[Tensor], rois: Tensor, output_size:
     """RoIAlign over FPN levels: each RoI is pooled from the level `map_roi_levels` picks for it.
 
     features: one (N, C, H_l, W_l) map per level, finest first, with `strides[l]` its stride in input pixels.
-    Returns (K, C, out_h, out_w) in the order of `rois`.
+    Returns (K, C, out_h, out_w) in the order of `rois` (channels-last strides, see `roi_align`). Levels are
+    pooled together, in one pass. Convert the maps to channels-last once if several calls share them (e.g. the
+    stages of a cascade): each call otherwise copies every map it reads into that layout.
     """
     features = list(features)
-    if len(features) != len(strides):
+    if not features or len(features) != len(strides):
         raise ValueError(f"multi_scale_roi_align: {len(features)} feature maps but {len(strides)} strides")
     out_h, out_w = _pair(output_size)
     levels = map_roi_levels(rois, len(features), finest_scale)
@@ -115,18 +124,22 @@ class _Plan:
     chunks: list[tuple[int, int, int, int, int]]  # (level, start, stop, R, S), in sorted-RoI order
 
 
-def _axis_samples(start: Tensor, size: Tensor, bins: int, grid: Tensor, length: Tensor):
-    """Bilinear taps of every sample along one axis.
+class _Taps(NamedTuple):
+    """Bilinear taps of every sample along one axis, for (K RoIs, bins, G samples per bin)."""
+    low: Tensor  # (K, bins, G) lower map row (or column) of each sample
+    high: Tensor  # (K, bins, G) upper one (equal to low at the last row)
+    w_low: Tensor  # (K, bins, G) weight of `low`, already divided by the samples per bin; 0 for dropped samples
+    w_high: Tensor
+    first: Tensor  # (K,) first row any kept sample touches
+    last: Tensor  # (K,) last one
 
-    start, size: (K,) RoI start and extent in map pixels; grid: (K,) samples per bin; length: (K,) map size.
-    Returns low, high (K, bins, G) row indices, their weights (already divided by grid), and the (K,) first and
-    last row any valid sample touches.
-    """
-    num = start.shape[0]
-    max_grid = max(int(grid.max()), 1) if num else 1
+
+def _axis_taps(start: Tensor, size: Tensor, bins: int, grid: Tensor, max_grid: int, length: Tensor) -> _Taps:
+    """Taps along one axis. start, size: (K,) RoI start and extent in map pixels; grid: (K,) samples per bin;
+    length: (K,) size of the map along this axis."""
     bin_size = (size / bins)[:, None, None]
     bin_index = torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None]
-    sample_index = torch.arange(max_grid, device=start.device)
+    sample_index = torch.arange(max(max_grid, 1), device=start.device)
     grid_f = grid.to(start.dtype)[:, None, None]
     # same operation order as the reference kernels: start + ph * bin + (iy + 0.5) * bin / grid
     pos = (start[:, None, None] + bin_index * bin_size) + ((sample_index.to(start.dtype) + 0.5) * bin_size) / grid_f
@@ -139,23 +152,19 @@ def _axis_samples(start: Tensor, size: Tensor, bins: int, grid: Tensor, length: 
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(pos), pos - low.to(pos.dtype))
     scale = valid.to(pos.dtype) / grid_f.clamp(min=1)
-    w_low, w_high = (1 - frac) * scale, frac * scale
-    big = torch.iinfo(torch.long).max
-    first = torch.where(valid, low, big).flatten(1).amin(1) if num else low.new_zeros(0)
-    last = torch.where(valid, high, -1).flatten(1).amax(1) if num else low.new_zeros(0)
+    first = torch.where(valid, low, torch.iinfo(torch.long).max).flatten(1).amin(1)
+    last = torch.where(valid, high, -1).flatten(1).amax(1)
     none = last < 0  # no sample on the map: read a 1-pixel patch with zero weights
-    first = torch.where(none, 0, first)
-    last = torch.where(none, 0, last)
-    return low, high, w_low, w_high, first, last
+    return _Taps(low, high, (1 - frac) * scale, frac * scale, first.masked_fill(none, 0), last.masked_fill(none, 0))
 
 
-def _axis_weights(low, high, w_low, w_high, window_start: Tensor, width: int) -> Tensor:
-    """(K, bins, width) weights of patch rows window_start + [0, width) for every bin."""
-    num, bins, _ = low.shape
-    index = torch.cat([low, high], 2) - window_start[:, None, None]
+def _axis_weights(taps: _Taps, window_start: Tensor, width: int) -> Tensor:
+    """(K, bins, width) weights of map rows window_start + [0, width) for every bin: one row of Ay (or Ax)."""
+    num, bins, _ = taps.low.shape
+    index = torch.cat([taps.low, taps.high], 2) - window_start[:, None, None]
     index = index.clamp(0, max(width - 1, 0))  # only zero-weight samples are clamped
-    weights = w_low.new_zeros(num, bins, width)
-    return weights.scatter_add_(2, index, torch.cat([w_low, w_high], 2))
+    weights = taps.w_low.new_zeros(num, bins, width)
+    return weights.scatter_add_(2, index, torch.cat([taps.w_low, taps.w_high], 2))
 
 
 def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scales: tuple[float, ...], out_h: int,
@@ -164,6 +173,9 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     device = rois.device
     num = rois.shape[0]
     rois = rois.to(dtype)
+    if num == 0:
+        nothing = torch.zeros(0, dtype=torch.long, device=device)
+        return _Plan(nothing, nothing, rois.new_zeros((0, out_h, 1)), rois.new_zeros((0, out_w, 1)), [])
     heights = torch.tensor([h for h, _ in sizes], device=device)[levels]
     widths = torch.tensor([w for _, w in sizes], device=device)[levels]
     scale = torch.tensor(scales, dtype=dtype, device=device)[levels]
@@ -178,15 +190,16 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     else:
         grid_h = torch.ceil(roi_h / out_h).clamp(min=0).long()
         grid_w = torch.ceil(roi_w / out_w).clamp(min=0).long()
-    y_taps = _axis_samples(y1, roi_h, out_h, grid_h, heights)
-    x_taps = _axis_samples(x1, roi_w, out_w, grid_w, widths)
-    rows = y_taps[5] - y_taps[4] + 1  # (K,) patch height
-    cols = x_taps[5] - x_taps[4] + 1
+    max_grid_h, max_grid_w = torch.stack([grid_h.max(), grid_w.max()]).tolist()  # host sync 1 of 2
+    y_taps = _axis_taps(y1, roi_h, out_h, grid_h, max_grid_h, heights)
+    x_taps = _axis_taps(x1, roi_w, out_w, grid_w, max_grid_w, widths)
+    rows = y_taps.last - y_taps.first + 1  # (K,) patch height
+    cols = x_taps.last - x_taps.first + 1
 
     # Sort by (level, coarse patch height, patch width) so that padding every chunk to its largest patch wastes
     # little, then cut each level's run into chunks of about _CHUNK_ELEMENTS.
     row_bucket = torch.floor(torch.log2(rows.double()) * 3).long()
-    key = (levels * 64 + row_bucket) * (int(cols.max()) + 1 if num else 1) + cols
+    key = (levels * 64 + row_bucket) * (1 << 32) + cols
     order = torch.sort(key, stable=True).indices
     levels_s, rows_s, cols_s = levels[order], rows[order], cols[order]
     cost = rows_s * cols_s + cols_s * out_h + out_h * out_w  # per channel: patch + intermediate + output
@@ -201,11 +214,10 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     chunk_cols = cols_s.new_zeros(num_chunks).scatter_reduce_(0, inverse, cols_s, "amax")
     chunk_level = levels_s.new_zeros(num_chunks).scatter_reduce_(0, inverse, levels_s, "amax")
     batch_index = rois[:, 0].long()
-    # the one host sync: chunk sizes, plus the batch-index range for a readable error
-    meta = torch.cat([chunk_level, counts, chunk_rows, chunk_cols,
-                      batch_index.min().view(1) if num else counts.new_zeros(1),
-                      batch_index.max().view(1) if num else counts.new_zeros(1)]).tolist()
-    if num and (meta[-2] < 0 or meta[-1] >= batch_size):
+    # host sync 2 of 2: chunk sizes, plus the batch-index range for a readable error
+    meta = torch.cat([chunk_level, counts, chunk_rows, chunk_cols, batch_index.min().view(1),
+                      batch_index.max().view(1)]).tolist()
+    if meta[-2] < 0 or meta[-1] >= batch_size:
         raise ValueError(f"rois batch_index must be in [0, {batch_size}), got values in [{meta[-2]}, {meta[-1]}]")
     chunks, start = [], 0
     for c in range(num_chunks):
@@ -216,25 +228,73 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     # Patch windows: start at the first touched row, moved up if the padded chunk height would leave the map.
     rows_padded = torch.empty_like(rows).index_copy_(0, order, chunk_rows[inverse])
     cols_padded = torch.empty_like(cols).index_copy_(0, order, chunk_cols[inverse])
-    y0 = torch.minimum(y_taps[4], heights - rows_padded).clamp(min=0)
-    x0 = torch.minimum(x_taps[4], widths - cols_padded).clamp(min=0)
+    y0 = torch.minimum(y_taps.first, heights - rows_padded).clamp(min=0)
+    x0 = torch.minimum(x_taps.first, widths - cols_padded).clamp(min=0)
     max_rows = int(max(meta[2 * num_chunks:3 * num_chunks], default=1))
     max_cols = int(max(meta[3 * num_chunks:4 * num_chunks], default=1))
-    weights_y = _axis_weights(*y_taps[:4], y0, max_rows)
-    weights_x = _axis_weights(*x_taps[:4], x0, max_cols)
+    weights_y = _axis_weights(y_taps, y0, max_rows)
+    weights_x = _axis_weights(x_taps, x0, max_cols)
     base = (batch_index * heights + y0) * widths + x0
     return _Plan(order, base[order], weights_y[order], weights_x[order], chunks)
 
 
 def _channels_last_table(features: Tensor) -> Tensor:
-    """(N * H * W, C) view (channels-last input) or copy of an (N, C, H, W) map."""
-    return features.permute(0, 2, 3, 1).contiguous().view(-1, features.shape[1])
+    """(N * H * W, C) contiguous view (channels-last input) or copy of an (N, C, H, W) map."""
+    table = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    return table if table.stride() == (features.shape[1], 1) else table.contiguous()
 
 
-def _patch_pixels(base: Tensor, rows: int, cols: int, width: int) -> Tensor:
-    """(n, rows, cols) flat pixel index of every patch pixel, from each patch's top-left pixel `base` (n,)."""
-    offsets = torch.arange(rows, device=base.device)[:, None] * width + torch.arange(cols, device=base.device)
-    return base[:, None, None] + offsets
+def _pool(features: tuple[Tensor, ...], plan: _Plan, out_h: int, out_w: int, dtype: torch.dtype) -> Tensor:
+    """(K, out_h, out_w, C): out[k] = Ay[k] @ patch[k] @ Ax[k]^T, chunk by chunk, computed in `dtype`."""
+    channels = features[0].shape[1]
+    out = features[0].new_empty((plan.order.shape[0], out_h, out_w, channels))
+    tables: dict[int, Tensor] = {}
+    for level, start, stop, rows, cols in plan.chunks:
+        if level not in tables:
+            tables[level] = _channels_last_table(features[level])
+        table, width, n = tables[level], features[level].shape[-1], stop - start
+        # a patch row is `cols` neighbouring pixels: cols * C contiguous numbers of the table
+        table_rows = table.as_strided((table.shape[0] - cols + 1, cols * channels), (channels, 1))
+        row_starts = plan.base[start:stop, None] + torch.arange(rows, device=out.device) * width  # (n, rows)
+        patch = table_rows.index_select(0, row_starts.flatten()).view(n, rows, cols * channels).to(dtype)
+        weights_y = plan.weights_y[start:stop, :, :rows]  # (n, out_h, rows)
+        weights_x = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
+        pooled = torch.bmm(weights_y, patch).view(n, out_h, cols, channels)  # rows pooled
+        result = torch.matmul(weights_x[:, None], pooled)  # (n, out_h, out_w, C)
+        out.index_copy_(0, plan.order[start:stop], result.to(out.dtype))
+    return out
+
+
+def _pool_backward(grad_out: Tensor, plan: _Plan, sizes: list[tuple[int, int]], batch_size: int,
+                   needs_grad: Sequence[bool], dtype: torch.dtype, out_dtype: torch.dtype) -> list[Tensor | None]:
+    """Gradient of every map: grad_patch[k] = Ay[k]^T @ grad_out[k] @ Ax[k], added into the map's pixels."""
+    num, out_h, out_w, channels = grad_out.shape  # channels-last
+    grad_tables: dict[int, Tensor] = {}
+    for level, start, stop, rows, cols in plan.chunks:
+        if not needs_grad[level]:
+            continue
+        height, width = sizes[level]
+        if level not in grad_tables:
+            grad_tables[level] = grad_out.new_zeros((batch_size * height * width, channels), dtype=dtype)
+        n = stop - start
+        grad = grad_out.index_select(0, plan.order[start:stop]).to(dtype)  # (n, out_h, out_w, C)
+        weights_y = plan.weights_y[start:stop, :, :rows]
+        weights_x = plan.weights_x[start:stop, :, :cols]
+        grad_pooled = torch.matmul(weights_x.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
+        grad_patch = torch.bmm(weights_y.transpose(1, 2), grad_pooled.view(n, out_h, cols * channels))
+        offsets = torch.arange(rows, device=grad.device)[:, None] * width + torch.arange(cols, device=grad.device)
+        pixels = plan.base[start:stop, None, None] + offsets  # (n, rows, cols)
+        grad_tables[level].index_add_(0, pixels.flatten(), grad_patch.view(-1, channels))
+    grads: list[Tensor | None] = []
+    for level, (height, width) in enumerate(sizes):
+        if not needs_grad[level]:
+            grads.append(None)
+        elif level in grad_tables:  # returned with channels-last strides, as computed
+            grads.append(grad_tables[level].view(batch_size, height, width, channels).permute(0, 3, 1, 2)
+                         .to(out_dtype))
+        else:
+            grads.append(grad_out.new_zeros((batch_size, channels, height, width), dtype=out_dtype))
+    return grads
 
 
 class _RoIAlign(torch.autograd.Function):
@@ -248,56 +308,20 @@ class _RoIAlign(torch.autograd.Function):
     def forward(ctx, rois, levels, scales, out_h, out_w, sampling_ratio, aligned, *features):
         _check_features(features)
         batch_size, channels = features[0].shape[:2]
-        compute_dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32
+        dtype = torch.float64 if features[0].dtype == torch.float64 else torch.float32  # weights and sums
         sizes = [tuple(f.shape[-2:]) for f in features]
-        plan = _make_plan(rois.detach(), levels, sizes, scales, out_h, out_w, sampling_ratio, aligned, channels,
-                          batch_size, compute_dtype)
-        out = features[0].new_empty((rois.shape[0], out_h, out_w, channels))
-        tables: dict[int, Tensor] = {}
-        for level, start, stop, rows, cols in plan.chunks:
-            if level not in tables:
-                tables[level] = _channels_last_table(features[level])
-            n = stop - start
-            pixels = _patch_pixels(plan.base[start:stop], rows, cols, sizes[level][1])  # (n, rows, cols)
-            patch = tables[level].index_select(0, pixels.flatten()).view(n, rows, cols * channels)
-            patch = patch.to(compute_dtype)
-            wy = plan.weights_y[start:stop, :, :rows]  # (n, out_h, rows)
-            wx = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
-            pooled = torch.bmm(wy, patch).view(n, out_h, cols, channels)  # rows pooled: (n, out_h, cols, C)
-            result = torch.matmul(wx[:, None], pooled)  # (n, out_h, out_w, C)
-            out.index_copy_(0, plan.order[start:stop], result.to(out.dtype))
-        ctx.plan = plan
-        ctx.meta = (sizes, channels, batch_size, out_h, out_w, compute_dtype, features[0].dtype)
+        with torch.autocast(device_type=features[0].device.type, enabled=False):  # keep the dtypes chosen here
+            plan = _make_plan(rois.detach(), levels, sizes, scales, out_h, out_w, sampling_ratio, aligned,
+                              channels, batch_size, dtype)
+            out = _pool(features, plan, out_h, out_w, dtype)
+        ctx.plan, ctx.sizes, ctx.batch_size, ctx.dtypes = plan, sizes, batch_size, (dtype, features[0].dtype)
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        plan: _Plan = ctx.plan
-        sizes, channels, batch_size, out_h, out_w, compute_dtype, dtype = ctx.meta
         grad_out = grad_out.permute(0, 2, 3, 1).contiguous()  # (K, out_h, out_w, C); a view if channels-last
-        grad_tables: dict[int, Tensor] = {}
-        for level, start, stop, rows, cols in plan.chunks:
-            if not ctx.needs_input_grad[7 + level]:
-                continue
-            height, width = sizes[level]
-            if level not in grad_tables:
-                grad_tables[level] = grad_out.new_zeros((batch_size * height * width, channels), dtype=compute_dtype)
-            n = stop - start
-            grad = grad_out.index_select(0, plan.order[start:stop]).to(compute_dtype)  # (n, out_h, out_w, C)
-            wy = plan.weights_y[start:stop, :, :rows]
-            wx = plan.weights_x[start:stop, :, :cols]
-            grad_pooled = torch.matmul(wx.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
-            grad_patch = torch.bmm(wy.transpose(1, 2), grad_pooled.view(n, out_h, cols * channels))
-            pixels = _patch_pixels(plan.base[start:stop], rows, cols, width)
-            grad_tables[level].index_add_(0, pixels.flatten(), grad_patch.view(-1, channels))
-        grads = []
-        for level, (height, width) in enumerate(sizes):
-            if not ctx.needs_input_grad[7 + level]:
-                grads.append(None)
-            elif level in grad_tables:  # channels-last strides, like the features' channels-last copy
-                grad = grad_tables[level].view(batch_size, height, width, channels).permute(0, 3, 1, 2)
-                grads.append(grad.to(dtype))
-            else:
-                grads.append(grad_out.new_zeros((batch_size, channels, height, width), dtype=dtype))
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            grads = _pool_backward(grad_out, ctx.plan, ctx.sizes, ctx.batch_size, ctx.needs_input_grad[7:],
+                                   *ctx.dtypes)
         return (None,) * 7 + tuple(grads)

@@ -1,0 +1,134 @@
+"""`cascadevision exits train|calibrate|evaluate|bench`: early-exit classifiers on the bundled digits.
+
+    cascadevision exits train --preset cloud --dataset digits_hard --out runs/exits
+    cascadevision exits calibrate runs/exits/model.pth --max-drop 0.5          # -> runs/exits/thresholds.json
+    cascadevision exits calibrate runs/exits/model.pth --budget 0.5 --policy entropy --out runs/exits/budget.json
+    cascadevision exits evaluate runs/exits/model.pth --thresholds runs/exits/thresholds.json   # table, JSON, PNG
+    cascadevision exits bench runs/exits/model.pth --thresholds runs/exits/thresholds.json --batch-sizes 1 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .policies import POLICY_KINDS
+from .presets import DEFAULT_PRESET, preset_names
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set policy.threshold=0.9 (repeatable)")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `exits` command (with its own sub-commands) to the main CLI's subparsers."""
+    parser = subparsers.add_parser("exits", help="early-exit classifiers: train, calibrate, evaluate, bench",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="exits_command", required=True)
+
+    p = sub.add_parser("train", help="train a multi-exit model (and its exit gates) on the digits")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=preset_names())
+    p.add_argument("--dataset", choices=["digits", "digits_hard"], help="shorthand for --set data.dataset=...")
+    p.add_argument("--out", required=True, help="run directory: model.pth is written there")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    _add_set(p)
+
+    p = sub.add_parser("calibrate", help="choose per-exit thresholds on the val split")
+    p.add_argument("checkpoint")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-drop", type=float, help="accuracy points allowed below the full model, e.g. 0.5")
+    goal.add_argument("--target-accuracy", type=float, help="accuracy to reach, in [0, 1]")
+    goal.add_argument("--budget", type=float, help="average compute as a fraction of the full model, e.g. 0.5")
+    p.add_argument("--policy", choices=[k for k in POLICY_KINDS if k != "none"], help="default: the checkpoint's")
+    p.add_argument("--out", help="thresholds JSON (default: thresholds.json next to the checkpoint)")
+    _add_set(p)
+
+    p = sub.add_parser("evaluate", help="exit table, stats.json and the accuracy-vs-compute PNG on the test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--thresholds", help="a JSON from `exits calibrate` (default: the checkpoint's policy)")
+    p.add_argument("--policy", choices=POLICY_KINDS, help="use this policy with its configured thresholds")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="output directory (default: eval/ next to the checkpoint)")
+    _add_set(p)
+
+    p = sub.add_parser("bench", help="wall clock: full model vs compact early exit vs simulate")
+    p.add_argument("checkpoint")
+    p.add_argument("--thresholds", help="a JSON from `exits calibrate` (default: the checkpoint's policy)")
+    p.add_argument("--policy", choices=POLICY_KINDS)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", help="also write the rows as JSON here")
+    _add_set(p)
+    return parser
+
+
+def _overrides(items: list[str]) -> dict:
+    from ..config import parse_overrides
+    return parse_overrides(items)
+
+
+def _policy(run, args):
+    """The policy of a command: a thresholds file, else --policy, else the checkpoint's; and its calibration."""
+    from ..config import update
+    from .pipeline import load_calibration, policy_from_calibration
+
+    if getattr(args, "thresholds", None):
+        calibration = load_calibration(args.thresholds)
+        return policy_from_calibration(run, calibration), calibration
+    cfg = run.cfg.policy if not args.policy else update(run.cfg.policy, {"kind": args.policy})
+    return run.policy(cfg), None
+
+
+def run(args) -> int:
+    """Dispatch `cascadevision exits <command>`; returns the exit status."""
+    from .pipeline import bench_run, calibrate_run, evaluate_run, format_bench, load_run, set_threads, train_run
+
+    command = args.exits_command
+    if command == "train":
+        from .presets import exits_config
+
+        overrides = _overrides(args.overrides)
+        if args.dataset:
+            overrides.setdefault("data", {}).setdefault("dataset", args.dataset)
+        cfg = exits_config(args.preset, overrides)
+        train_run(cfg, args.out, log=None if args.quiet else print)
+        print(f"wrote {Path(args.out) / 'model.pth'}")
+        return 0
+
+    run_ = load_run(args.checkpoint, _overrides(args.overrides))
+    set_threads(run_.cfg.train.threads)
+    if command == "calibrate":
+        from ..config import update
+
+        policy_cfg = run_.cfg.policy if not args.policy else update(run_.cfg.policy, {"kind": args.policy})
+        _, calibration = calibrate_run(run_, policy_cfg, target_accuracy=args.target_accuracy,
+                                       max_drop=args.max_drop, budget_fraction=args.budget)
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "thresholds.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
+        shown = ", ".join("closed" if t in (float("inf"), float("-inf")) else f"{t:.4g}"
+                          for t in calibration.thresholds) or json.dumps(calibration.params)
+        print(f"{calibration.policy} thresholds: {shown}{'' if calibration.met else '  (target NOT met)'}")
+        print(f"planned on val: accuracy {100 * calibration.accuracy:.2f}% "
+              f"(full model {100 * calibration.target['full_accuracy']:.2f}%), "
+              f"{calibration.macs / 1e6:.3f} MMACs per sample, compute saved {100 * calibration.compute_saved:.1f}%, "
+              f"exits " + " / ".join(f"{100 * f:.1f}%" for f in calibration.fractions))
+        print(f"wrote {out}")
+        return 0
+    policy, calibration = _policy(run_, args)
+    if command == "evaluate":
+        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        report = evaluate_run(run_, policy, calibration, out, split=args.split)
+        print(report["table"])
+        print(f"compact == simulate: {report['compact_matches_simulate']}")
+        print(f"wrote {out / 'table.md'}, {out / 'stats.json'}, {out / 'curve.png'}")
+        return 0
+    if command == "bench":
+        rows = bench_run(run_, policy, args.batch_sizes, args.repeats)
+        print(format_bench(rows, f"{run_.cfg.data.dataset}: {policy.describe()}"))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    raise AssertionError(command)

@@ -1,0 +1,75 @@
+"""Dataclass configs for early-exit classifiers: data, model, exit policy, training, execution.
+
+Defaults are the reference values where a paper gives one (BranchyNet's Adam lr 1e-3, MSDNet's unweighted sum
+of exit losses, SDN's 0.01 start for the linear schedule). Named presets (`presets.py`) change only what differs;
+`--set section.key=value` overrides any field, and an unknown key is a `ConfigError` naming the valid ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExitDataConfig:
+    dataset: str = "digits"  # "digits" (scikit-learn's bundled 8x8 digits) or "digits_hard" (blur + noise)
+    image_size: int = 32  # the 8x8 digits are upsampled (bilinear) to this size so a stage's compute is real work
+    val_fraction: float = 0.2  # held out for calibration and gate training; never used to fit the classifier
+    test_fraction: float = 0.2
+    seed: int = 0  # fixes the split and the corruption of the hard variant
+
+
+@dataclass
+class ExitModelConfig:
+    kind: str = "resnet"  # "resnet": one network with an exit after each stage; "cascade": small -> large models
+    num_stages: int = 4
+    base_width: int = 32  # stage k has base_width * 2**k channels (cascade: member k is that wide)
+    blocks_per_stage: int = 1  # residual blocks per stage (cascade: per stage of each member)
+    head_pool: int = 4  # exit heads pool the stage's map to head_pool x head_pool (SDN-style) before a linear layer
+    num_classes: int = 10
+    in_channels: int = 1
+
+
+@dataclass
+class ExitPolicyConfig:
+    kind: str = "max_prob"  # "max_prob", "entropy", "margin", "patience", "gate", or "none" (never exit early)
+    threshold: float = 0.95  # shared by every exit, in the policy's own units (entropy: the largest H / log C)
+    thresholds: tuple[float, ...] = ()  # per exit (num_stages - 1 values); overrides `threshold` when given
+    patience: int = 2  # "patience": exit once this many consecutive exits agree
+    prune_threshold: float = 0.0  # "gate": also exit when P(a later exit is right) < this; 0 turns the pruner off
+    gate_hidden: int = 32
+    gate_use_features: bool = True  # the gate sees the stage's pooled feature map as well as the exit's logits
+
+
+@dataclass
+class ExitTrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam, as BranchyNet
+    weight_decay: float = 1e-4
+    loss: str = "fixed"  # "fixed" (sum_k w_k CE_k), "sdn" (SDN's linear schedule), "subsets" (all-subset sums)
+    exit_weights: tuple[float, ...] = ()  # "fixed": one weight per exit; empty = all 1 (MSDNet)
+    gating: str = "none"  # confidence-gated training: "none", "hard" or "soft"
+    gating_threshold: float = 0.9  # "hard": an exit 'fails' a sample when its probability of the true class < this
+    shift: int = 1  # random translation of up to this many source (8x8) pixels while training; 0 disables
+    gate_epochs: int = 200
+    gate_lr: float = 1e-2
+    seed: int = 0
+    threads: int = 1  # torch.set_num_threads for train/evaluate/bench; 0 leaves torch's default
+
+
+@dataclass
+class ExitRunConfig:
+    mode: str = "compact"  # "compact" (real batch compaction), "simulate" (all exits computed), "anytime"
+    batch_size: int = 256
+    budget_ms: float = 0.0  # "anytime": the time budget per batch
+    anytime_answer: str = "confident"  # "confident" (most confident exit so far), "ensemble" (mean of probs), "last"
+
+
+@dataclass
+class ExitsConfig:
+    preset: str = ""
+    data: ExitDataConfig = field(default_factory=ExitDataConfig)
+    model: ExitModelConfig = field(default_factory=ExitModelConfig)
+    policy: ExitPolicyConfig = field(default_factory=ExitPolicyConfig)
+    train: ExitTrainConfig = field(default_factory=ExitTrainConfig)
+    run: ExitRunConfig = field(default_factory=ExitRunConfig)

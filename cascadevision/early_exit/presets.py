@@ -1,0 +1,32 @@
+"""Named early-exit presets. Each is a set of changes to the defaults in `config.py`, overridable by `--set`.
+
+- `mobile`: 2 stages, exit when the top probability reaches 0.85 (cheap, tolerant);
+- `cloud`: 4 stages, exit at 0.95 (the defaults);
+- `batch`: 4 stages, no early exit (every sample runs the whole model; the intermediate heads are skipped).
+"""
+from __future__ import annotations
+
+from ..config import parse_overrides, update
+from ..errors import ConfigError
+from .config import ExitsConfig
+
+PRESETS: dict[str, dict] = {
+    "mobile": {"model": {"num_stages": 2}, "policy": {"kind": "max_prob", "threshold": 0.85}},
+    "cloud": {"model": {"num_stages": 4}, "policy": {"kind": "max_prob", "threshold": 0.95}},
+    "batch": {"model": {"num_stages": 4}, "policy": {"kind": "none"}},
+}
+DEFAULT_PRESET = "cloud"
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def exits_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | dict | None = None) -> ExitsConfig:
+    """The config of a preset (by name) with overrides applied: ['policy.threshold=0.9'] or a nested dict."""
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown early-exit preset '{preset}'; choose one of {', '.join(preset_names())}")
+    cfg = update(ExitsConfig(), {"preset": preset, **PRESETS[preset]})
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    return update(cfg, extra)
