@@ -202,3 +202,19 @@ def test_background_rois_are_dropped_and_deadline_stops_the_cascade():
     head = exit_head(policy="none")
     head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)], deadline=0.0)  # already past
     assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]
+
+
+def test_exit_summary_counts_roi_head_compute():
+    head = exit_head(threshold=0.9)
+    head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([6.0, 0, 0, 0]))
+    head.reset_exit_stats()
+    head.predict(features(), [torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 30, 50]])], [(64, 64)])
+    summary = head.exit_summary()
+    box, mask = head.per_roi_macs()
+    # box head: two FCs (8*7*7 -> 16 -> 16) plus cls (16 -> 4) and reg (16 -> 4) per RoI
+    assert box == [8 * 49 * 16 + 16 * 16 + 16 * 4 + 16 * 4] * 3
+    dets = sum(summary["masks"])
+    spent = 2 * box[0] + dets * mask[0]
+    full = 2 * sum(box) + dets * sum(mask)
+    assert summary["roi_head_gmacs"] * 1e9 == pytest.approx(spent)
+    assert summary["saved_fraction"] == pytest.approx(1 - spent / full)

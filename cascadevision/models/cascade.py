@@ -86,6 +86,10 @@ class CascadeRoIHead(nn.Module):
         self.num_classes = num_classes
         self.num_stages = cfg.num_stages
         self.strides = tuple(strides)
+        self.in_channels = in_channels
+        self.exit_counts: StageCounts | None = None  # what the last forward computed
+        self.exit_totals: StageCounts | None = None  # summed over forwards since reset_exit_stats()
+        self._per_roi_macs = None
         self.interleaved = htc and cfg.interleaved and cfg.with_mask
         self.mask_info_flow = htc and cfg.mask_info_flow and cfg.with_mask
         self.bbox_head = nn.ModuleList(
@@ -246,6 +250,7 @@ class CascadeRoIHead(nn.Module):
         detections = self._detect(finished, image_sizes)
         if self.with_mask:
             self._predict_masks(features, detections, semantic_feat)
+        self.exit_totals = stats if self.exit_totals is None else self.exit_totals + stats
         return detections
 
     def _detect(self, finished, image_sizes) -> list[dict[str, Tensor]]:
@@ -289,6 +294,38 @@ class CascadeRoIHead(nn.Module):
         for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):
             d["mask_probs"] = p
 
+    # ---------------------------------------------------------------------------------------------- accounting
+
+    def reset_exit_stats(self) -> None:
+        self.exit_totals = None
+
+    def per_roi_macs(self) -> tuple[list[int], list[int]]:
+        """Multiply-accumulates one RoI costs in each stage's box head and mask head (RoIAlign not counted)."""
+        if self._per_roi_macs is None:
+            from ..macs import count_macs
+
+            param, channels = self.bbox_head[0].fc_cls.weight, self.in_channels
+            box_in = param.new_zeros((1, channels, self.cfg.roi_size, self.cfg.roi_size))
+            box = [count_macs(head, box_in) for head in self.bbox_head]
+            mask = []
+            if self.with_mask:
+                mask_in = param.new_zeros((1, channels, self.cfg.mask_roi_size, self.cfg.mask_roi_size))
+                res = param.new_zeros((1, self.cfg.mask_conv_channels, self.cfg.mask_roi_size, self.cfg.mask_roi_size))
+                mask = [count_macs(head, mask_in, res if head.conv_res is not None else None) for head in self.mask_head]
+            self._per_roi_macs = (box, mask)
+        return self._per_roi_macs
+
+    def exit_summary(self, counts: StageCounts | None = None) -> dict:
+        """RoIs per stage and the RoI-head compute spent, against the full cascade on the same proposals."""
+        counts = counts or self.exit_totals or StageCounts(self.num_stages)
+        box, mask = self.per_roi_macs()
+        spent = sum(r * c for r, c in zip(counts.rois, box))
+        spent += sum(m * sum(mask[: t + 1]) for t, m in enumerate(counts.masks)) if mask else 0
+        full = counts.rois[0] * sum(box) + (sum(counts.masks) * sum(mask) if mask else 0)
+        return {"rois": counts.rois, "exits": counts.exits, "dropped": counts.dropped, "masks": counts.masks,
+                "roi_head_gmacs": spent / 1e9, "full_cascade_gmacs": full / 1e9,
+                "saved_fraction": 1 - spent / full if full else 0.0}
+
 
 @dataclass
 class StageCounts:
@@ -304,6 +341,11 @@ class StageCounts:
         for name in ("rois", "exits", "dropped", "masks"):
             if not getattr(self, name):
                 setattr(self, name, [0] * self.num_stages)
+
+    def __add__(self, other: "StageCounts") -> "StageCounts":
+        add = lambda a, b: [x + y for x, y in zip(a, b)]  # noqa: E731
+        return StageCounts(self.num_stages, add(self.rois, other.rois), add(self.exits, other.exits),
+                           add(self.dropped, other.dropped), add(self.masks, other.masks))
 
 
 def exit_decisions(probs: Tensor, cfg) -> tuple[Tensor, Tensor]:

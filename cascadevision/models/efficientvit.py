@@ -66,7 +66,8 @@ class Conv2d_BN(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
                  groups: int = 1, bn_weight_init: float = 1.0):
         super().__init__()
-        self.add_module("c", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False))
+        self.add_module("c", nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                                       bias=False))
         self.add_module("bn", nn.BatchNorm2d(out_channels))
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
@@ -227,8 +228,8 @@ class CascadedGroupAttention(nn.Module):
         if height == width == self.resolution:
             return self.attention_bias_idxs
         if height > self.resolution or width > self.resolution:
-            raise ValueError(f"CascadedGroupAttention: a {height}x{width} map needs a bias table of at least that size, "
-                             f"this one is {self.resolution}x{self.resolution}")
+            raise ValueError(f"CascadedGroupAttention: a {height}x{width} map needs a bias table of at least that "
+                             f"size, this one is {self.resolution}x{self.resolution}")
         device = self.attention_bias_idxs.device
         key = (height, width, device)
         if key not in self._index_cache:
@@ -299,7 +300,8 @@ class EfficientViTBlock(nn.Module):
         super().__init__()
         self.dw0 = Residual(depthwise_conv_bn(dim), drop_path)
         self.ffn0 = Residual(FFN(dim, ffn_ratio * dim), drop_path)
-        self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, resolution, window_size, kernels), drop_path)
+        attention = LocalWindowAttention(dim, key_dim, num_heads, resolution, window_size, kernels)
+        self.mixer = Residual(attention, drop_path)
         self.dw1 = Residual(depthwise_conv_bn(dim), drop_path)
         self.ffn1 = Residual(FFN(dim, ffn_ratio * dim), drop_path)
 

@@ -18,7 +18,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -64,7 +63,7 @@ class HMHSA(nn.Module):
     1. q, k, v = 1x1 conv(GN(x)); with G > 1, each head attends within G x G grids:  x_g = GN(x + local)
     2. global step: q from x_g, k and v from GN(AvgPool_r(x_g)); each token attends to the (H/r)(W/r) pooled ones
     3. out = Dropout(1x1 proj(global + x_g)).  With G = 1 it is plain global MHSA on the qkv of step 1.
-    H and W must be multiples of G (and of r): the reference does not pad.
+    H and W must be multiples of G (the reference does not pad); average pooling drops any remainder of r.
     """
 
     def __init__(self, dim: int, head_dim: int, grid_size: int = 1, ds_ratio: int = 1, drop: float = 0.0):

@@ -87,6 +87,10 @@ SEG_PRESETS = {
     "cascade_efficientvit_m4": lambda: _model("cascade", backbone_type="efficientvit_m4"),
 }
 
+# the small presets also get a schedule that trains on a CPU in a few minutes (the defaults are Synapse's 150 epochs)
+_CPU_SCHEDULE = {"data": {"batch_size": 8}, "train": {"max_iters": 400, "checkpoint_interval": 100}}
+SEG_SCHEDULES = {name: _CPU_SCHEDULE for name in SEG_PRESETS if name.endswith("_r18") or "_r18_" in name}
+
 
 def seg_preset_config(name: str) -> SegModelConfig:
     if name not in SEG_PRESETS:
@@ -113,6 +117,7 @@ def load_seg_config(preset_or_path: str | Path | None = None,
     preset = extra.get("model", {}).get("preset") or data.get("model", {}).get("preset")
     if preset:
         cfg = dataclasses.replace(cfg, model=seg_preset_config(preset))
+        cfg = update(cfg, SEG_SCHEDULES.get(preset, {}))
     return update(update(cfg, data), extra)
 
 

@@ -1,0 +1,74 @@
+"""`cascadevision exits train|calibrate|evaluate|bench` end to end on a tiny model (8x8 digits, 3 exits)."""
+import json
+
+import pytest
+import torch
+
+from cascadevision.cli import main
+
+TINY = ["--set", "data.image_size=8", "--set", "model.base_width=4", "--set", "model.num_stages=3",
+        "--set", "train.epochs=2", "--set", "train.gate_epochs=20", "--set", "train.shift=0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("exits")
+    assert main(["exits", "train", "--preset", "cloud", "--out", str(run), "--quiet", *TINY]) == 0
+    yield run / "model.pth"
+    torch.set_num_threads(threads)  # the commands set train.threads (1)
+
+
+def test_calibrate_evaluate_bench(checkpoint, tmp_path, capsys):
+    run = checkpoint.parent
+    capsys.readouterr()
+    assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "max_prob thresholds:" in out and "planned on val" in out
+    plan = json.loads((run / "thresholds.json").read_text())
+    assert plan["policy"] == "max_prob" and len(plan["thresholds"]) == 2
+    assert plan["target"]["accuracy"] == pytest.approx(plan["target"]["full_accuracy"] - 0.005)
+
+    assert main(["exits", "evaluate", str(checkpoint), "--thresholds", str(run / "thresholds.json"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "| exit | samples |" in out and "compact == simulate: True" in out
+    report = json.loads((tmp_path / "eval" / "stats.json").read_text())
+    stats = report["statistics"]
+    assert sum(stats["counts"]) == report["samples"] == 360
+    assert stats["planned_macs"] == pytest.approx(plan["macs"])  # planned (val) next to realised (test)
+    assert (tmp_path / "eval" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "planned (calibration split)" in (tmp_path / "eval" / "table.md").read_text()
+
+    assert main(["exits", "calibrate", str(checkpoint), "--budget", "0.6", "--policy", "entropy",
+                 "--out", str(tmp_path / "budget.json")]) == 0
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert budget["method"].startswith("geometric p=") and budget["policy"] == "entropy"
+    capsys.readouterr()
+    assert main(["exits", "bench", str(checkpoint), "--thresholds", str(tmp_path / "budget.json"),
+                 "--batch-sizes", "1", "16", "--repeats", "1", "--out", str(tmp_path / "bench.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| 16 | compact |" in out and "| 1 | full |" in out
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["mode"] for r in rows} == {"full", "compact", "simulate"}
+
+
+def test_gate_and_patience_policies_from_the_command_line(checkpoint, tmp_path, capsys):
+    assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "1", "--policy", "gate",
+                 "--set", "policy.prune_threshold=0.05", "--out", str(tmp_path / "gate.json")]) == 0
+    assert main(["exits", "evaluate", str(checkpoint), "--thresholds", str(tmp_path / "gate.json"),
+                 "--out", str(tmp_path / "gate")]) == 0
+    assert json.loads((tmp_path / "gate" / "stats.json").read_text())["compact_matches_simulate"]
+    assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "1", "--policy", "patience",
+                 "--out", str(tmp_path / "patience.json")]) == 0
+    assert json.loads((tmp_path / "patience.json").read_text())["params"]["patience"] in (1, 2, 3)
+
+
+def test_errors_are_one_line(checkpoint, tmp_path, capsys):
+    assert main(["exits", "train", "--out", str(tmp_path), "--set", "policy.treshold=0.9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'policy.treshold'") and err.count("\n") == 1
+    assert main(["exits", "evaluate", str(tmp_path / "missing.pth")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "0.5", "--set", "model.num_stages=2"]) == 2
+    assert "cannot be overridden" in capsys.readouterr().err
