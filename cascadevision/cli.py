@@ -14,16 +14,31 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set model.rpn.nms_iou=0.6 (repeatable)")
 
 
-def _model_overrides(items: list[str]) -> dict:
-    """--set values for eval/predict: only model.* keys make sense there."""
+def _add_early_exit(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early exit (cascade models)")
+    g.add_argument("--early-exit", choices=["none", "max_prob", "entropy", "margin"],
+                   help="region-level exit policy: confident RoIs stop being refined")
+    g.add_argument("--exit-threshold", type=float, help="confidence to leave (entropy: at most this)")
+    g.add_argument("--exit-background", type=float, help="drop RoIs once P(background) >= this")
+    g.add_argument("--time-budget-ms", type=float, help="anytime inference: stop the cascade past this budget")
+
+
+def _model_overrides(args) -> dict:
+    """--set values and early-exit options for eval/predict: only model.* keys make sense there."""
     from .config import parse_overrides
     from .errors import ConfigError
 
-    nested = parse_overrides(items)
+    nested = parse_overrides(args.overrides)
     extra = set(nested) - {"model"}
     if extra:
         raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
-    return nested.get("model", {})
+    model = nested.get("model", {})
+    options = {"policy": args.early_exit, "threshold": args.exit_threshold,
+               "background_threshold": args.exit_background, "time_budget_ms": args.time_budget_ms}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options:
+        model.setdefault("roi_head", {}).setdefault("early_exit", {}).update(options)
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
+    _add_early_exit(p)
 
     p = sub.add_parser("predict", help="draw predictions on images and write COCO-style results")
     p.add_argument("checkpoint")
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
+    _add_early_exit(p)
 
     p = sub.add_parser("demo", help="synthetic data -> train a small model -> evaluate -> pictures")
     p.add_argument("--out", default="demo_out")
@@ -144,15 +161,17 @@ def _run(args) -> int:
         from .pipeline import run_evaluation
 
         metrics = run_evaluation(args.checkpoint, args.ann, args.images, args.out,
-                                 overrides=_model_overrides(args.overrides), device=args.device,
+                                 overrides=_model_overrides(args), device=args.device,
                                  progress=not args.no_progress)
         print(format_metrics(metrics))
+        if "early_exit" in metrics:
+            print(format_exit_summary(metrics["early_exit"]))
         return 0
     if args.command == "predict":
         from .pipeline import run_prediction
 
         summary = run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
-                                 overrides=_model_overrides(args.overrides), device=args.device,
+                                 overrides=_model_overrides(args), device=args.device,
                                  progress=not args.no_progress)
         print(f"wrote {len(summary)} overlays and results.json to {Path(args.out)}")
         return 0
@@ -173,6 +192,18 @@ def format_metrics(metrics: dict, title: str = "") -> str:
         if iou_type in metrics:
             row = metrics[iou_type]
             lines.append(f"| {iou_type:<10} | " + " | ".join(f"{row.get(c, float('nan')):5.1f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def format_exit_summary(summary: dict) -> str:
+    """Per-stage RoI counts of a cascade and the RoI-head compute it spent."""
+    lines = ["| stage | RoIs in | left (confident) | dropped (background) | masks from stages 1..t |",
+             "|---|---|---|---|---|"]
+    for t, (rois, exits, dropped, masks) in enumerate(zip(summary["rois"], summary["exits"], summary["dropped"],
+                                                           summary["masks"])):
+        lines.append(f"| {t + 1} | {rois} | {exits} | {dropped} | {masks} |")
+    lines.append(f"RoI-head compute: {summary['roi_head_gmacs']:.2f} GMAC vs {summary['full_cascade_gmacs']:.2f} "
+                 f"for the full cascade on the same proposals ({100 * summary['saved_fraction']:.1f}% saved)")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from .models.presets import preset_config
 
 DEMO_IMAGES = 400
 DEMO_SIZE = 256
-DEMO_ITERS = 900
+DEMO_ITERS = 600
 
 
 def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
@@ -47,7 +47,9 @@ def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
 
 
 def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max_iters: int | None = None,
-             preset: str = "mask_rcnn_r18_fpn", progress: bool = True) -> dict:
+             preset: str = "htc_r18_fpn", baseline: str | None = "mask_rcnn_r18_fpn", progress: bool = True) -> dict:
+    """Train `preset` (HTC with its semantic branch on the synthetic label maps) and, on the same budget,
+    `baseline`; evaluate both, draw the main model's predictions, print the AP table and the files."""
     from .cli import format_metrics
     from .data import generate_synthetic
     from .pipeline import run_prediction, run_training
@@ -55,28 +57,41 @@ def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max
     out = Path(out)
     start = time.time()
     data_dir = out / "data"
-    print(f"[1/4] synthetic dataset -> {data_dir}")
-    generate_synthetic(data_dir, num_images=num_images or DEMO_IMAGES, size=DEMO_SIZE, seed=0)
-    cfg = demo_config(data_dir, preset, max_iters or DEMO_ITERS)
-    run_dir = out / "run"
-    print(f"[2/4] training {preset} for {cfg.train.max_iters} iterations -> {run_dir}")
-    metrics = run_training(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pth").exists(), progress=progress)
-    print("[3/4] evaluation on the validation split")
-    eval_metrics = {k: metrics[k] for k in ("bbox", "segm") if k in metrics}
-    print(format_metrics(eval_metrics, title=preset))
+    models = [preset] + ([baseline] if baseline else [])
+    steps = len(models) + 3
+    print(f"[1/{steps}] synthetic dataset -> {data_dir}")
+    paths = generate_synthetic(data_dir, num_images=num_images or DEMO_IMAGES, size=DEMO_SIZE, seed=0)
+    num_semantic = len(json.loads(Path(paths["semantic_classes"]).read_text()))
+    results = {}
+    for step, name in enumerate(models, start=2):
+        cfg = demo_config(data_dir, name, max_iters or DEMO_ITERS)
+        if cfg.model.roi_head.with_semantic:
+            cfg = update(cfg, {"data": {"train_semantic": paths["train_semantic"]},
+                               "model": {"roi_head": {"semantic_num_classes": num_semantic}}})
+        run_dir = out / name
+        print(f"[{step}/{steps}] training {name} for {cfg.train.max_iters} iterations -> {run_dir}")
+        began = time.time()
+        metrics = run_training(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pth").exists(),
+                               progress=progress)
+        results[name] = {"bbox": metrics.get("bbox", {}), "segm": metrics.get("segm", {}),
+                         "minutes": round((time.time() - began) / 60, 2), "run_dir": str(run_dir)}
+    print(f"[{steps - 1}/{steps}] evaluation on the validation split (same data, seed and iterations)")
+    for name, r in results.items():
+        print(format_metrics(r, title=name) + f"\n  trained and evaluated in {r['minutes']:.1f} min\n")
     pictures = out / "predictions"
     val_images = sorted((data_dir / "images" / "val").iterdir())[:8]
-    print(f"[4/4] predictions on {len(val_images)} validation images -> {pictures}")
-    run_prediction(run_dir / "checkpoints" / "final.pth", [str(p) for p in val_images], pictures, progress=progress)
+    print(f"[{steps}/{steps}] {preset} predictions on {len(val_images)} validation images -> {pictures}")
+    run_prediction(out / preset / "checkpoints" / "final.pth", [str(p) for p in val_images], pictures,
+                   progress=progress)
     elapsed = time.time() - start
-    summary = {"preset": preset, "metrics": eval_metrics, "seconds": round(elapsed, 1),
-               "run_dir": str(run_dir), "predictions": str(pictures)}
+    summary = {"models": results, "seconds": round(elapsed, 1), "predictions": str(pictures)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\ndone in {elapsed / 60:.1f} min. Files:\n"
-          f"  checkpoints      {run_dir / 'checkpoints'}\n"
-          f"  metrics log      {run_dir / 'metrics.jsonl'}\n"
-          f"  loss curve       {run_dir / 'loss_curve.png'}\n"
-          f"  COCO metrics     {run_dir / 'eval' / 'metrics.json'}\n"
+    main_dir = out / preset
+    print(f"done in {elapsed / 60:.1f} min. Files:\n"
+          f"  checkpoints      {main_dir / 'checkpoints'}\n"
+          f"  metrics log      {main_dir / 'metrics.jsonl'}\n"
+          f"  loss curve       {main_dir / 'loss_curve.png'}\n"
+          f"  COCO metrics     {main_dir / 'eval' / 'metrics.json'}\n"
           f"  prediction PNGs  {pictures}\n"
           f"  summary          {out / 'summary.json'}")
     return summary

@@ -83,7 +83,15 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
 
     model, _ = load_model(checkpoint, overrides, device)
     dataset = CocoDataset(ann, images, train=False)
-    return evaluate(model, dataset, out_dir=out_dir, progress=progress)
+    head = model.roi_head
+    if hasattr(head, "reset_exit_stats"):
+        head.reset_exit_stats()
+    metrics = evaluate(model, dataset, out_dir=out_dir, progress=progress)
+    if hasattr(head, "exit_summary"):
+        metrics["early_exit"] = head.exit_summary()
+        if out_dir:
+            (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

@@ -43,6 +43,8 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
         return "mmdet-v1"
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
         return "torchvision-resnet"
+    if any(k.startswith(("patch_embed.", "stages.")) for k in keys) and any("attention_biases" in k for k in keys):
+        return "efficientvit-classifier"
     return "unknown"
 
 
@@ -61,6 +63,15 @@ def load_weights(model: nn.Module, path_or_url: str | Path, *, sha256: str | Non
     path = resolve(path_or_url, sha256=sha256, progress=progress)
     state, meta = read_state_dict(path)
     fmt = detect_format(state)
+    if fmt == "efficientvit-classifier":
+        from .models.efficientvit import EfficientViT, EfficientViTBackbone, load_efficientvit_weights
+
+        target = getattr(model, "backbone", model)
+        if not isinstance(target, (EfficientViT, EfficientViTBackbone)):
+            raise CheckpointError(f"{path}: EfficientViT weights, but the model's backbone is "
+                                  f"{type(target).__name__}")
+        report = load_efficientvit_weights(target, path, strict_classes=strict_classes)
+        return {"format": fmt, "meta": meta, **report}
     if fmt == "mmdet-v1":
         raise CheckpointError(f"{path}: an MMDetection v1 checkpoint (keys without 'roi_head.'); its box convention "
                               "differs. Use the v2.0 checkpoints from the MMDetection model zoo.")

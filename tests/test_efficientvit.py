@@ -14,7 +14,7 @@ from cascadevision.macs import count_macs
 from cascadevision.models.classifier import count_parameters
 from cascadevision.models.efficientvit import (
     EFFICIENTVIT_CONFIGS, BN_Linear, CascadedGroupAttention, Conv2d_BN, EfficientViTBackbone, EfficientViTBlock,
-    FFN, LocalWindowAttention, PatchMerging, build_efficientvit, fuse_bn, load_efficientvit_weights)
+    FFN, LocalWindowAttention, PatchMerging, Residual, build_efficientvit, fuse_bn, load_efficientvit_weights)
 
 # published: parameters in M (BN unfused, head included) and MACs in M at 224x224 ("FLOPs" in the paper/README)
 PUBLISHED_PARAMS_M = {"m0": 2.35, "m1": 2.98, "m2": 4.19, "m3": 6.90, "m4": 8.80, "m5": 12.47}
@@ -127,6 +127,19 @@ def test_bias_index_follows_the_reference_enumeration():
         cga = CascadedGroupAttention(16, 16, 1, resolution, (3,))
         assert torch.equal(cga.attention_bias_idxs, torch.tensor(idxs).view(resolution ** 2, resolution ** 2))
         assert cga.attention_biases.shape == (1, len(offsets))
+
+
+def test_residual_drop_path_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    residual = Residual(nn.Conv2d(4, 4, 1), drop_prob=0.5).train()
+    x = torch.randn(64, 4, 3, 3)
+    with torch.no_grad():
+        branch = residual.m(x)
+        out = residual(x)
+        kept = torch.isclose(out, x + branch / 0.5).flatten(1).all(1)
+        dropped = torch.isclose(out, x).flatten(1).all(1)
+        assert bool((kept ^ dropped).all()) and 10 < int(kept.sum()) < 54
+        torch.testing.assert_close(residual.eval()(x), x + branch)
 
 
 # ----------------------------------------------------------------------------------------------------------

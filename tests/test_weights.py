@@ -138,3 +138,20 @@ def test_safetensors_convert_and_inspect(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["weights", "inspect", str(src)]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "detector"
+
+
+def test_efficientvit_classifier_weights_load_into_detector_backbone(tmp_path):
+    from cascadevision.models.efficientvit import build_efficientvit
+
+    torch.manual_seed(3)
+    classifier = build_efficientvit("m0", num_classes=10)
+    path = tmp_path / "efficientvit_m0.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    detector = build_model("htc_efficientvit_m0_fpn", num_classes=3, roi_head={"semantic_num_classes": 4})
+    report = load_weights(detector, path)
+    assert report["format"] == "efficientvit-classifier"
+    own = detector.backbone.state_dict()
+    key = "patch_embed.0.c.weight"
+    assert torch.equal(own[key], classifier.state_dict()[key])
+    with pytest.raises(CheckpointError, match="EfficientViT weights, but the model's backbone is ResNet"):
+        load_weights(small(), path)

@@ -5,6 +5,10 @@
     cascadevision exits calibrate runs/exits/model.pth --budget 0.5 --policy entropy --out runs/exits/budget.json
     cascadevision exits evaluate runs/exits/model.pth --thresholds runs/exits/thresholds.json   # table, JSON, PNG
     cascadevision exits bench runs/exits/model.pth --thresholds runs/exits/thresholds.json --batch-sizes 1 256
+    cascadevision exits evaluate runs/exits/model.pth --set run.mode=anytime --set run.budget_ms=20   # time budget
+
+`exits evaluate` runs `compact` (real early exit) and checks it against `simulate`; with run.mode=anytime it
+runs every batch under the time budget instead.
 """
 from __future__ import annotations
 
@@ -119,6 +123,13 @@ def run(args) -> int:
     policy, calibration = _policy(run_, args)
     if command == "evaluate":
         out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        if run_.cfg.run.mode == "anytime":
+            from .pipeline import evaluate_anytime
+
+            report = evaluate_anytime(run_, run_.cfg.run.budget_ms, run_.cfg.run.anytime_answer, args.split, out)
+            print(report["table"])
+            print(f"wrote {out / 'table.md'}, {out / 'stats.json'}")
+            return 0
         report = evaluate_run(run_, policy, calibration, out, split=args.split)
         print(report["table"])
         print(f"compact == simulate: {report['compact_matches_simulate']}")

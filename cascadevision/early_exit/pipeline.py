@@ -20,13 +20,12 @@ from torch import Tensor
 from ..config import to_dict, update
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
-from .calibration import (Calibration, assign_exits, budget_sweep, calibrate, choose_policy, quantile_thresholds,
-                          geometric_exit_distribution, summarize_exits)
+from .calibration import Calibration, assign_exits, budget_sweep, calibrate, choose_policy, summarize_exits
 from .config import ExitPolicyConfig, ExitsConfig
 from .data import SOURCE_SIZE, DigitsSplit, load_digits_splits
-from .execution import compact, run_full, simulate
+from .execution import anytime, compact, run_full, simulate
 from .models import MultiExitModel, StageCosts, build_exit_model
-from .policies import ExitGate, ExitPolicy, PatiencePolicy, ThresholdPolicy, build_policy, decide_exits
+from .policies import ExitGate, ExitPolicy, GatePolicy, PatiencePolicy, ThresholdPolicy, build_policy, decide_exits
 from .stats import ExitStatistics, plot_accuracy_vs_compute
 from .training import train_gates, train_multi_exit
 
@@ -182,6 +181,11 @@ def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, t
     correct = correctness(logits, data.labels)
     costs = run.costs_for(policy)
     budget = None if budget_fraction is None else budget_fraction * costs.full
+    if isinstance(policy, GatePolicy) and split == "val":
+        # the gates were fitted on val: score val with gates that did not see the sample (cross-fitting)
+        scores, forced = _out_of_fold_gate_scores(run, policy, logits, features, data.labels)
+        return calibrate(policy, policy_cfg.kind, scores, correct, costs.cumulative, costs.full,
+                         target_accuracy=target_accuracy, max_drop=max_drop, budget_macs=budget, forced=forced)
     if isinstance(policy, ThresholdPolicy):
         scores, forced = _scores(policy, logits, features)
         return calibrate(policy, policy_cfg.kind, scores, correct, costs.cumulative, costs.full,
@@ -199,6 +203,32 @@ def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, t
         return chosen, Calibration("patience", [], summary["accuracy"], summary["macs"], float(costs.full),
                                    summary["fractions"], target, met, "sweep", params)
     raise ConfigError(f"policy '{policy_cfg.kind}' has nothing to calibrate")
+
+
+def _out_of_fold_gate_scores(run: ExitRun, policy: GatePolicy, logits: Sequence[Tensor],
+                             features: Sequence[Tensor] | None, labels: Tensor, folds: int = 5
+                             ) -> tuple[Tensor, Tensor | None]:
+    """Gate confidences (K, N) and pruner decisions for the val split, each sample scored by gates trained on
+    the other folds with the run's settings. Calibrating on the gates' own training data would promise far
+    more than the test split delivers."""
+    n = len(labels)
+    uses_features = any(g.feature_dim for g in run.gates)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(run.cfg.train.seed))
+    scores = torch.ones(len(logits), n)
+    forced = torch.zeros(len(logits), n, dtype=torch.bool) if policy.prune_threshold > 0 else None
+    for held_out in order.chunk(folds):
+        fit = torch.ones(n, dtype=torch.bool)
+        fit[held_out] = False
+        gates = train_gates([z[fit] for z in logits], [f[fit] for f in features] if uses_features else None,
+                            labels[fit], run.cfg.policy.gate_hidden, run.cfg.train.gate_epochs, run.cfg.train.gate_lr,
+                            run.cfg.train.seed)
+        fold_policy = GatePolicy(gates, policy.thresholds, policy.prune_threshold)
+        fold_scores, fold_forced = _scores(fold_policy, [z[held_out] for z in logits],
+                                           [f[held_out] for f in features] if uses_features else None)
+        scores[:, held_out] = fold_scores
+        if forced is not None and fold_forced is not None:
+            forced[:, held_out] = fold_forced
+    return scores, forced
 
 
 def policy_from_calibration(run: ExitRun, calibration: Calibration) -> ExitPolicy:
@@ -262,7 +292,10 @@ def evaluate_run(run: ExitRun, policy: ExitPolicy, calibration: Calibration | No
         curves["shared threshold sweep (test)"] = shared_threshold_curve(scores, correct, costs.cumulative, forced)
         val = run.split("val")
         val_logits, val_features = exit_outputs(model, val.images, features=policy.needs_features)
-        val_scores, val_forced = _scores(policy, val_logits, val_features)
+        if isinstance(policy, GatePolicy):
+            val_scores, val_forced = _out_of_fold_gate_scores(run, policy, val_logits, val_features, val.labels)
+        else:
+            val_scores, val_forced = _scores(policy, val_logits, val_features)
         points = []
         for p in budget_sweep(val_scores, correctness(val_logits, val.labels), costs.cumulative, forced=val_forced):
             s = summarize_exits(assign_exits(scores, p["thresholds"], forced), correct, costs.cumulative)
@@ -292,6 +325,34 @@ def evaluate_run(run: ExitRun, policy: ExitPolicy, calibration: Calibration | No
                                  full_accuracy=stats.full_accuracy,
                                  title=title or f"{run.cfg.data.dataset} ({split}), {policy.describe()}")
     report["table"] = stats.table(title)
+    return report
+
+
+def evaluate_anytime(run: ExitRun, budget_ms: float, answer: str = "confident", split: str = "test",
+                     out_dir: str | Path | None = None) -> dict:
+    """Anytime prediction with a time budget per batch of `run.batch_size`: how deep each batch got, and the
+    accuracy of the best-so-far answers. Costs count the stages each batch ran, not the answering exit."""
+    set_threads(run.cfg.train.threads)
+    data = run.split(split)
+    model, batch = run.model.eval(), run.cfg.run.batch_size
+    anytime(model, data.images[:batch], budget_ms, answer)  # warm-up
+    depth, correct, wall = [], [], 0.0
+    for images, labels in zip(data.images.split(batch), data.labels.split(batch)):
+        result = anytime(model, images, budget_ms, answer)
+        depth.append(torch.full((len(labels),), result.stages_run - 1, dtype=torch.long))
+        correct.append(result.predictions == labels)
+        wall += result.wall_time_s
+    full_correct = correctness(exit_outputs(model, data.images)[0][-1:], data.labels)[0]
+    stats = ExitStatistics.from_exits(torch.cat(depth), run.costs.cumulative, run.costs.full, torch.cat(correct),
+                                      wall_time_s=wall, full_accuracy=float(full_correct.float().mean()))
+    title = f"{run.cfg.data.dataset} {split}: anytime, {budget_ms:g} ms per batch of {batch}, answer '{answer}'"
+    report = {"split": split, "budget_ms": budget_ms, "answer": answer, "statistics": stats.to_dict(),
+              "table": stats.table(title)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(report["table"] + "\n")
+        (out / "stats.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -44,7 +44,7 @@ def build_model(name_or_config: str | ModelConfig | dict, num_classes: int | Non
 
 def build_from_config(cfg: ModelConfig) -> TwoStageDetector:
     _validate(cfg)
-    backbone = ResNet(cfg.backbone)
+    backbone = build_backbone(cfg.backbone)
     neck = FPN(backbone.out_channels, cfg.neck)
     rpn_head = RPNHead(neck.out_channels, cfg.rpn)
     if cfg.roi_head.type == "standard":
@@ -52,6 +52,17 @@ def build_from_config(cfg: ModelConfig) -> TwoStageDetector:
     else:
         roi_head = build_cascade_head(cfg.roi_head, cfg.num_classes, neck.out_channels, cfg.neck.num_outs)
     return TwoStageDetector(cfg, DetectionTransform(cfg.input), backbone, neck, rpn_head, roi_head)
+
+
+def build_backbone(cfg):
+    """ResNet (`type: resnet`) or EfficientViT (`type: efficientvit_m0` .. `efficientvit_m5`)."""
+    if cfg.type == "resnet":
+        return ResNet(cfg)
+    if cfg.type.startswith("efficientvit_"):
+        from .efficientvit import EfficientViTBackbone
+
+        return EfficientViTBackbone(cfg)
+    raise ConfigError(f"model.backbone.type must be 'resnet' or 'efficientvit_m0'..'efficientvit_m5', got '{cfg.type}'")
 
 
 def _validate(cfg: ModelConfig) -> None:

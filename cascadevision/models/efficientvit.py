@@ -127,13 +127,13 @@ def _fuse_children(module: nn.Module) -> None:
 class Residual(nn.Module):
     """x + m(x), with optional stochastic depth on the branch."""
 
-    def __init__(self, m: nn.Module, drop_path: float = 0.0):
+    def __init__(self, m: nn.Module, drop_prob: float = 0.0):
         super().__init__()
         self.m = m
-        self.drop_path = drop_path
+        self.drop_prob = drop_prob
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + drop_path(self.m(x), self.drop_path, self.training)
+        return x + drop_path(self.m(x), self.drop_prob, self.training)
 
 
 class FFN(nn.Module):
@@ -379,11 +379,12 @@ def _variant(name: str) -> str:
 def build_efficientvit(name: str, num_classes: int = 1000, weights: str | Path | None = None,
                        **overrides) -> EfficientViT:
     """`build_efficientvit("m4")` (or "efficientvit_m4"); `overrides` replace EfficientViTConfig fields;
-    `weights` is a reference checkpoint to load (see `load_efficientvit_weights`)."""
-    cfg = dataclasses.replace(EFFICIENTVIT_CONFIGS[_variant(name)], **overrides)
-    model = EfficientViT(cfg, num_classes)
+    `weights` is a reference checkpoint (path or URL) to load, or "imagenet" for the released one of this variant
+    (see `load_efficientvit_weights`)."""
+    variant = _variant(name)
+    model = EfficientViT(dataclasses.replace(EFFICIENTVIT_CONFIGS[variant], **overrides), num_classes)
     if weights:
-        load_efficientvit_weights(model, weights)
+        load_efficientvit_weights(model, EFFICIENTVIT_WEIGHT_URLS[variant] if weights == "imagenet" else weights)
     return model
 
 
@@ -474,10 +475,17 @@ class EfficientViTBackbone(EfficientViT):
 # loading the reference's checkpoints
 
 
+# the reference's ImageNet-1k releases (`{'model': state_dict}`); not downloaded by any test
+EFFICIENTVIT_WEIGHT_URLS = {
+    name: f"https://github.com/xinyuliu-jeffrey/EfficientViT_Model_Zoo/releases/download/v1.0/efficientvit_{name}.pth"
+    for name in EFFICIENTVIT_CONFIGS
+}
+
+
 def load_efficientvit_weights(model: EfficientViT, path: str | Path, *, strict_classes: bool = False) -> dict:
-    """Load a released EfficientViT checkpoint (`{'model': state_dict}`, the timm port's names, or our own) into an
-    EfficientViT classifier or an EfficientViTBackbone; returns {'missing', 'unexpected', 'reinitialised',
-    'resized'}.
+    """Load a released EfficientViT checkpoint (`{'model': state_dict}`, the timm port's names, or our own; a file
+    path or an http(s) URL, cached by `cascadevision.hub`) into an EfficientViT classifier or an
+    EfficientViTBackbone; returns {'missing', 'unexpected', 'reinitialised', 'resized'}.
 
     - the head is dropped for a backbone; for a classifier with another class count it keeps its initialisation
       and is listed under 'reinitialised' (a CheckpointError if `strict_classes`);
@@ -487,8 +495,10 @@ def load_efficientvit_weights(model: EfficientViT, path: str | Path, *, strict_c
     - 2-D weights stored for 1x1 convs get their two trailing unit dims (the reference loader does the same);
     - anything else that does not fit is a CheckpointError naming the tensors.
     """
+    from ..hub import resolve
     from ..weights import read_state_dict
 
+    path = resolve(path)
     state, _ = read_state_dict(path)
     if all(k.startswith("backbone.") for k in state if not k.startswith(("neck.", "rpn_head.", "roi_head."))):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

@@ -55,6 +55,12 @@ def _cascade(depth: int = 50, *, mask: bool, htc: bool = False, semantic: bool =
     )
 
 
+def _efficientvit(cfg: ModelConfig, variant: str = "m4") -> ModelConfig:
+    """An EfficientViT backbone feeding the FPN with five levels (strides 4..64: two stem outputs, three stages)."""
+    return _replace(cfg, backbone=_replace(cfg.backbone, type=f"efficientvit_{variant}", out_indices=(0, 1, 2, 3, 4),
+                                           frozen_stages=-1, norm_eval=True))
+
+
 PRESETS = {
     "faster_rcnn_r50_fpn_1x": lambda: _faster_rcnn(50),
     "faster_rcnn_r101_fpn_1x": lambda: _faster_rcnn(101),
@@ -75,6 +81,10 @@ PRESETS = {
     "cascade_mask_rcnn_r18_fpn": lambda: _cpu_small(_cascade(18, mask=True)),
     "htc_without_semantic_r18_fpn": lambda: _cpu_small(_cascade(18, mask=True, htc=True)),
     "htc_r18_fpn": lambda: _cpu_small(_cascade(18, mask=True, htc=True, semantic=True)),
+    **{f"htc_efficientvit_{v}_fpn": (lambda v=v: _efficientvit(_cascade(50, mask=True, htc=True, semantic=True), v))
+       for v in ("m0", "m1", "m2", "m3", "m4", "m5")},
+    "mask_rcnn_efficientvit_m4_fpn": lambda: _efficientvit(_mask_rcnn(50), "m4"),
+    "cascade_mask_rcnn_efficientvit_m4_fpn": lambda: _efficientvit(_cascade(50, mask=True), "m4"),
 }
 
 # training schedules that differ from the 1x default (12 epochs, steps at 8 and 11)

@@ -30,10 +30,12 @@ from torch import Tensor
 
 __all__ = ["map_roi_levels", "multi_scale_roi_align", "roi_align"]
 
-# Numbers (channels included) gathered per chunk: 1M fp32 = 4 MB, small enough that the patch is still in cache
-# when the two matmuls read it, large enough that a chunk is ~100 us of work. Smaller is slower (Python
-# overhead per chunk, worse multi-threading); larger is slower too (cache misses), measured on CPU.
+# Numbers (channels included) gathered per chunk and CPU thread: 1M fp32 = 4 MB, small enough that the patch is
+# still in cache when the two matmuls read it, large enough that a chunk is ~100 us of work. Smaller is slower
+# (Python overhead per chunk), larger is slower too (cache misses), measured on a 2-core x86 CPU.
 _CHUNK_ELEMENTS = 1 << 20
+# On a GPU, fewer and larger chunks: 32M numbers (128 MB in fp32) bounds the memory of one chunk.
+_CHUNK_ELEMENTS_GPU = 1 << 25
 
 
 def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
@@ -203,7 +205,8 @@ def _make_plan(rois: Tensor, levels: Tensor, sizes: list[tuple[int, int]], scale
     order = torch.sort(key, stable=True).indices
     levels_s, rows_s, cols_s = levels[order], rows[order], cols[order]
     cost = rows_s * cols_s + cols_s * out_h + out_h * out_w  # per channel: patch + intermediate + output
-    budget = max(_CHUNK_ELEMENTS // max(channels, 1), 1)
+    elements = _CHUNK_ELEMENTS * torch.get_num_threads() if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    budget = max(elements // max(channels, 1), 1)  # pixels per chunk
     before = torch.cumsum(cost, 0) - cost
     level_first = torch.searchsorted(levels_s, levels_s)  # first sorted index of each RoI's level
     chunk_id = (before - before[level_first]) // budget
@@ -259,8 +262,12 @@ def _pool(features: tuple[Tensor, ...], plan: _Plan, out_h: int, out_w: int, dty
         patch = table_rows.index_select(0, row_starts.flatten()).view(n, rows, cols * channels).to(dtype)
         weights_y = plan.weights_y[start:stop, :, :rows]  # (n, out_h, rows)
         weights_x = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
-        pooled = torch.bmm(weights_y, patch).view(n, out_h, cols, channels)  # rows pooled
-        result = torch.matmul(weights_x[:, None], pooled)  # (n, out_h, out_w, C)
+        if cols <= rows:  # pool the longer side first: fewer multiply-adds in the second product
+            pooled = torch.bmm(weights_y, patch).view(n, out_h, cols, channels)  # rows pooled
+            result = torch.matmul(weights_x[:, None], pooled)  # (n, out_h, out_w, C)
+        else:
+            pooled = torch.matmul(weights_x[:, None], patch.view(n, rows, cols, channels))  # (n, rows, out_w, C)
+            result = torch.bmm(weights_y, pooled.view(n, rows, out_w * channels)).view(n, out_h, out_w, channels)
         out.index_copy_(0, plan.order[start:stop], result.to(out.dtype))
     return out
 
@@ -280,8 +287,12 @@ def _pool_backward(grad_out: Tensor, plan: _Plan, sizes: list[tuple[int, int]], 
         grad = grad_out.index_select(0, plan.order[start:stop]).to(dtype)  # (n, out_h, out_w, C)
         weights_y = plan.weights_y[start:stop, :, :rows]
         weights_x = plan.weights_x[start:stop, :, :cols]
-        grad_pooled = torch.matmul(weights_x.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
-        grad_patch = torch.bmm(weights_y.transpose(1, 2), grad_pooled.view(n, out_h, cols * channels))
+        if cols <= rows:  # the transpose of the forward's order
+            grad_pooled = torch.matmul(weights_x.transpose(1, 2)[:, None], grad)  # (n, out_h, cols, C)
+            grad_patch = torch.bmm(weights_y.transpose(1, 2), grad_pooled.view(n, out_h, cols * channels))
+        else:
+            grad_pooled = torch.bmm(weights_y.transpose(1, 2), grad.view(n, out_h, out_w * channels))
+            grad_patch = torch.matmul(weights_x.transpose(1, 2)[:, None], grad_pooled.view(n, rows, out_w, channels))
         offsets = torch.arange(rows, device=grad.device)[:, None] * width + torch.arange(cols, device=grad.device)
         pixels = plan.base[start:stop, None, None] + offsets  # (n, rows, cols)
         grad_tables[level].index_add_(0, pixels.flatten(), grad_patch.view(-1, channels))
