@@ -395,6 +395,23 @@ def test_fixed_weight_loss_is_the_weighted_sum():
     assert multi_exit_loss(all_logits, labels, [1.0, 0.3]).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss,gating", [("fixed", "hard"), ("fixed", "soft"), ("sdn", "none"), ("subsets", "none")])
+def test_every_training_mode_runs_and_learns(trained_model, loss, gating):
+    _, val = trained_model  # a small labelled set is enough here
+    model = tiny_resnet(num_stages=3, base_width=4)
+    cfg = ExitTrainConfig(epochs=3, batch_size=32, loss=loss, gating=gating, shift=1)
+    history = train_multi_exit(model, val.images, val.labels, cfg, [0.3, 0.6, 1.0], log=None)
+    assert history[-1]["train_accuracy"][-1] > history[0]["train_accuracy"][-1] + 0.1
+    if loss == "sdn":  # the loss itself can rise while the internal exits' weights grow
+        assert [h["weights"] for h in history] == [sdn_weights(e, 3, [0.3, 0.6, 1.0]) for e in range(3)]
+    assert not model.training  # handed back in eval mode, ready for early exit
+
+
+def test_subsets_and_gating_do_not_combine():
+    with pytest.raises(ConfigError, match="subsets"):
+        multi_exit_loss([torch.randn(2, 3)] * 2, torch.tensor([0, 1]), [1, 1], loss="subsets", gating="hard")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # statistics
 

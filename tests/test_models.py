@@ -176,3 +176,15 @@ def test_inference_output_contract():
         assert det["masks"].shape == (n, *img.shape[-2:]) and det["masks"].dtype == torch.bool
         assert (det["boxes"][:, 2] <= img.shape[2]).all() and (det["boxes"][:, 3] <= img.shape[1]).all()
         assert (det["labels"] < 3).all()
+
+
+def test_empty_rois_pool_to_zero_not_nan():
+    # a cascade stage can refine a box to zero width (clipped at the image border); RoIAlign must give zeros
+    from cascadevision.ops import roi_align
+
+    features = torch.rand(1, 2, 16, 16, requires_grad=True)
+    rois = torch.tensor([[0.0, 5, 5, 5, 9], [0.0, 64, 3, 64, 3]])
+    out = roi_align(features, rois, 7, spatial_scale=0.25, sampling_ratio=0, aligned=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(features.grad).all()

@@ -267,7 +267,7 @@ def calibrate(policy: ThresholdPolicy, policy_name: str, scores: Tensor, correct
     natural = [policy.to_score(t) for t in thresholds]  # score -> policy units (the map is its own inverse)
     calibration = Calibration(policy_name, natural, summary["accuracy"], summary["macs"], float(full_macs),
                               summary["fractions"], target, met, method)
-    return policy.with_thresholds(natural + [natural[-1] if natural else 0.0]), calibration
+    return policy.with_thresholds(natural if natural else float(policy.to_score(math.inf))), calibration
 
 
 def choose_policy(candidates: Sequence[tuple[dict, ExitPolicy]], all_logits: Sequence[Tensor], correct: Tensor,

@@ -3,12 +3,13 @@
 Nothing is downloaded. Two variants:
 
 - "digits": the images as they are, scaled to [0, 1];
-- "digits_hard": every image gets its own severity s ~ U(0, 1), then a Gaussian blur of sigma = 1.2 s pixels and
-  additive Gaussian noise of std 0.5 s (on the 8x8 image, clipped to [0, 1]). Severity varies from image to
-  image, so some are as easy as the originals and some are hard: the situation early exit is made for.
+- "digits_hard": every image gets its own severity s in [0, 1), then a Gaussian blur of sigma = 1.0 s pixels and
+  additive Gaussian noise of std 0.25 s (on the 8x8 image, clipped to [0, 1]). Severity varies from image to
+  image, so some are as easy as the originals and some are hard: the situation early exit is made for. Within
+  each split the severities are stratified (one per 1/n-wide bin), so val and test see the same mix.
 
-The split is stratified by class and fixed by the seed (the corruption too: image i always gets the same one),
-train / val / test = 60 / 20 / 20 % by default. `val` is for calibration and gate training; `test` is only for
+The split is stratified by class and fixed by the seed (the corruption too), train / val / test = 60 / 20 / 20 %
+by default. `val` is for calibration and gate training; `test` is only for
 reporting. Images are upsampled (bilinear) to `image_size` so that a convolution stage does real work.
 """
 from __future__ import annotations
@@ -46,11 +47,10 @@ def _load_sklearn_digits() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-def corrupt(images: Tensor, seed: int, max_blur: float = 1.2, max_noise: float = 0.5) -> Tensor:
-    """Per-image blur and noise of a random severity (see the module docstring). images: (N, 8, 8)."""
-    generator = torch.Generator().manual_seed(seed + 1)
+def corrupt(images: Tensor, severity: Tensor, generator: torch.Generator, max_blur: float = 1.0,
+            max_noise: float = 0.25) -> Tensor:
+    """Blur (sigma = max_blur * severity) then add noise (std = max_noise * severity), per image. images: (N, 8, 8)."""
     n = images.shape[0]
-    severity = torch.rand(n, generator=generator)
     sigma = (max_blur * severity).clamp_min(1e-3)
     taps = torch.arange(-2, 3, dtype=torch.float32)
     kernel_1d = torch.exp(-taps[None, :] ** 2 / (2 * sigma[:, None] ** 2))
@@ -59,6 +59,11 @@ def corrupt(images: Tensor, seed: int, max_blur: float = 1.2, max_noise: float =
     blurred = F.conv2d(images[None], kernel, padding=2, groups=n)[0]  # each image with its own kernel
     noise = torch.randn(images.shape, generator=generator) * (max_noise * severity)[:, None, None]
     return (blurred + noise).clamp(0.0, 1.0)
+
+
+def stratified_severity(n: int, generator: torch.Generator) -> Tensor:
+    """n severities in [0, 1), one in each of n equal bins, in random order: every split gets the same mix."""
+    return (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator)) / n
 
 
 def split_indices(labels: Tensor, val_fraction: float, test_fraction: float, seed: int) -> dict[str, Tensor]:
@@ -85,10 +90,15 @@ def load_digits_splits(cfg: ExitDataConfig | None = None) -> dict[str, DigitsSpl
     if cfg.image_size < SOURCE_SIZE:
         raise ConfigError(f"data.image_size must be at least {SOURCE_SIZE}, got {cfg.image_size}")
     images, labels = _load_sklearn_digits()
-    if cfg.dataset == "digits_hard":
-        images = corrupt(images, cfg.seed)
-    images = images[:, None]  # (N, 1, 8, 8)
-    if cfg.image_size != SOURCE_SIZE:
-        images = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
-    return {name: DigitsSplit(images[idx].contiguous(), labels[idx], idx)
-            for name, idx in split_indices(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed).items()}
+    splits = {}
+    for i, (name, idx) in enumerate(split_indices(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed).items()):
+        split_images = images[idx]
+        if cfg.dataset == "digits_hard":
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + i + 1)
+            split_images = corrupt(split_images, stratified_severity(len(idx), generator), generator)
+        split_images = split_images[:, None]  # (N, 1, 8, 8)
+        if cfg.image_size != SOURCE_SIZE:
+            split_images = F.interpolate(split_images, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+                                         align_corners=False)
+        splits[name] = DigitsSplit(split_images.contiguous(), labels[idx], idx)
+    return splits

@@ -234,7 +234,7 @@ def _out_of_fold_gate_scores(run: ExitRun, policy: GatePolicy, logits: Sequence[
 def policy_from_calibration(run: ExitRun, calibration: Calibration) -> ExitPolicy:
     changes: dict = {"kind": calibration.policy}
     if calibration.thresholds:
-        changes["thresholds"] = list(calibration.thresholds) + [calibration.thresholds[-1]]
+        changes["thresholds"] = list(calibration.thresholds)
     changes.update(calibration.params)
     return run.policy(update(run.cfg.policy, changes))
 

@@ -21,6 +21,7 @@ have left, exactly as it does for the features.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -141,8 +142,7 @@ class ThresholdPolicy(ExitPolicy):
         return self.thresholds[stage]
 
     def score_threshold(self, stage: int) -> float:
-        t = self.threshold(stage)
-        return t if self.higher_is_confident else -t
+        return self.to_score(self.threshold(stage))
 
     def to_score(self, threshold: float) -> float:
         """A threshold in the policy's units -> one on the confidence scale (and back: the map is its own inverse)."""
@@ -159,7 +159,6 @@ class ThresholdPolicy(ExitPolicy):
 
     def with_thresholds(self, thresholds: float | Sequence[float]) -> ThresholdPolicy:
         """A copy of this policy with other thresholds (same units), e.g. the result of a calibration."""
-        import copy
         other = copy.copy(self)
         ThresholdPolicy.__init__(other, thresholds)
         return other

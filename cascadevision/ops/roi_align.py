@@ -144,7 +144,8 @@ def _axis_taps(start: Tensor, size: Tensor, bins: int, grid: Tensor, max_grid: i
     sample_index = torch.arange(max(max_grid, 1), device=start.device)
     grid_f = grid.to(start.dtype)[:, None, None]
     # same operation order as the reference kernels: start + ph * bin + (iy + 0.5) * bin / grid
-    pos = (start[:, None, None] + bin_index * bin_size) + ((sample_index.to(start.dtype) + 0.5) * bin_size) / grid_f
+    # an empty RoI has grid 0 and no valid sample; the clamp keeps its (unused) positions finite, not 0/0
+    pos = (start[:, None, None] + bin_index * bin_size) + ((sample_index.to(start.dtype) + 0.5) * bin_size) / grid_f.clamp(min=1)
     length = length[:, None, None]
     valid = (sample_index < grid[:, None, None]) & (pos >= -1) & (pos <= length)
     pos = pos.clamp(min=0)
