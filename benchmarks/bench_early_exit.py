@@ -75,7 +75,7 @@ def summary_row(label: str, target: str, plan, report: dict) -> dict:
 
 def policy_table(name: str, rows: list[dict]) -> str:
     lines = [f"### {name}: thresholds from val, numbers on test", "",
-             "| policy | target | val acc (full) | planned saved | test acc (full) | drop pt | realised saved "
+             "| policy | target | val acc (full) | planned saved | test acc (full) | drop pt (+ = below full) | realised saved "
              "| exits % | depth |", "|---|---|---|---:|---|---:|---:|---|---:|"]
     for r in rows:
         exits = "/".join(f"{100 * f:.0f}" for f in r["fractions"])

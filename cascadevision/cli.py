@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("dst")
 
     sub.add_parser("presets", help="list the model presets")
+
+    from .early_exit.cli import add_parser as add_exits_parser
+    add_exits_parser(sub)
     return parser
 
 
@@ -180,6 +183,10 @@ def _run(args) -> int:
 
         run_demo(args.out, num_images=args.num_images, max_iters=args.max_iters, progress=not args.no_progress)
         return 0
+    if args.command == "exits":
+        from .early_exit.cli import run as run_exits
+
+        return run_exits(args)
     raise AssertionError(args.command)
 
 

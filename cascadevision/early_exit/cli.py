@@ -123,6 +123,9 @@ def run(args) -> int:
     policy, calibration = _policy(run_, args)
     if command == "evaluate":
         out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        if run_.cfg.run.mode not in ("compact", "simulate", "anytime"):
+            from ..errors import ConfigError
+            raise ConfigError(f"run.mode must be compact, simulate or anytime, got {run_.cfg.run.mode!r}")
         if run_.cfg.run.mode == "anytime":
             from .pipeline import evaluate_anytime
 

@@ -59,7 +59,7 @@ class ExitTrainConfig:
 
 @dataclass
 class ExitRunConfig:
-    mode: str = "compact"  # "compact" (real batch compaction), "simulate" (all exits computed), "anytime"
+    mode: str = "compact"  # "compact"/"simulate": `exits evaluate` runs both and checks they agree; "anytime": a budget
     batch_size: int = 256
     budget_ms: float = 0.0  # "anytime": the time budget per batch
     anytime_answer: str = "confident"  # "confident" (most confident exit so far), "ensemble" (mean of probs), "last"

@@ -160,7 +160,7 @@ def plot_accuracy_vs_compute(path: str | Path, curves: Mapping[str, Sequence[tup
     ax.set_xlabel("average compute per sample (% of the full model's MACs)")
     ax.set_ylabel("accuracy (%)")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
