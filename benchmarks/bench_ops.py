@@ -1,37 +1,41 @@
-"""Time the hot ops on realistic sizes and print a markdown table (median over several runs).
+"""Time the hot ops on realistic sizes and print a markdown table: median (and min) over several runs.
 
     python benchmarks/bench_ops.py            # all cores, then 1 thread
     python benchmarks/bench_ops.py --quick    # fewer runs
 
 RoIAlign: 1000 RoIs of one 800x1216 image with log-uniform sizes 16-800 px, pooled from 4 FPN levels
 (strides 4/8/16/32, 256 channels) at 7x7 and 14x14 with sampling_ratio=0, as the box and mask heads do.
-NMS: random boxes around a few hundred objects (many overlaps), IoU 0.5 and 0.7, and 80-class batched NMS.
+Mask targets: 128 large RoIs cropped from 10 full-resolution gt masks at 28x28 (one channel).
+NMS: random boxes around N / 20 objects (many overlaps), IoU 0.5 and 0.7, and 80-class batched NMS.
+Other processes on the machine inflate the numbers (the load average is printed); compare the min column.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
-import sys
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cascadevision.ops import batched_nms, multi_scale_roi_align, nms, paste_masks  # noqa: E402
+from cascadevision.ops import batched_nms, multi_scale_roi_align, nms, paste_masks, roi_align  # noqa: E402
 
 IMAGE_H, IMAGE_W = 800, 1216
 STRIDES = (4, 8, 16, 32)
 
 
-def median_ms(fn, runs: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, runs: int) -> tuple[float, float]:
+    """(median, min) wall time of `fn` in ms, after one warm-up call."""
+    fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def random_rois(num: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,6 +79,11 @@ def run(runs: int) -> list[tuple[str, float]]:
             f.grad = None
         multi_scale_roi_align(grads, rois[:512], 7, STRIDES).sum().backward()
     rows.append(("multi_scale_roi_align 512 RoIs 7x7, forward + backward (NCHW)", median_ms(forward_backward, runs)))
+    gt_masks = (torch.rand(10, 1, IMAGE_H, IMAGE_W, generator=generator) > 0.5).float()
+    mask_rois = random_rois(128, generator)
+    mask_rois[:, 0] = torch.randint(0, 10, (128,), generator=generator).float()
+    rows.append(("roi_align mask targets: 128 RoIs, 28x28, from 10 gt masks 800x1216",
+                 median_ms(lambda: roi_align(gt_masks, mask_rois, 28), runs)))
     for num in (2000, 10000):
         boxes, scores = clustered_boxes(num, generator)
         for iou in (0.5, 0.7):
@@ -102,12 +111,13 @@ def main() -> None:
         torch.set_num_threads(1)
         single = run(runs)
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, CPU, median of {runs} runs (ms)\n")
-    header = f"| op | {threads} threads |" + (" 1 thread |" if single else "")
-    print(header)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"torch {torch.__version__}, CPU with {os.cpu_count()} cores{load}; ms, median (min) of {runs} runs\n")
+    print(f"| op | {threads} threads |" + (" 1 thread |" if single else ""))
     print("|---|---:|" + ("---:|" if single else ""))
-    for i, (name, ms) in enumerate(results):
-        print(f"| {name} | {ms:.1f} |" + (f" {single[i][1]:.1f} |" if single else ""))
+    for i, (name, times) in enumerate(results):
+        cells = [times] + ([single[i][1]] if single else [])
+        print(f"| {name} | " + " | ".join(f"{median:.1f} ({best:.1f})" for median, best in cells) + " |")
 
 
 if __name__ == "__main__":

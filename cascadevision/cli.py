@@ -157,8 +157,10 @@ def _run(args) -> int:
         cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
         metrics = run_training(cfg, args.out, resume=args.resume, weights=args.weights,
                                progress=not args.no_progress)
-        if metrics:
-            print(json.dumps(metrics, indent=2))
+        from .engine.distributed import is_main_process
+
+        if metrics and is_main_process():
+            print(format_metrics(metrics, title=cfg.model.preset or "model"))
         return 0
     if args.command == "eval":
         from .pipeline import run_evaluation
