@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,9 +158,7 @@ def _run(args) -> int:
         cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
         metrics = run_training(cfg, args.out, resume=args.resume, weights=args.weights,
                                progress=not args.no_progress)
-        from .engine.distributed import is_main_process
-
-        if metrics and is_main_process():
+        if metrics and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
             print(format_metrics(metrics, title=cfg.model.preset or "model"))
         return 0
     if args.command == "eval":

@@ -96,9 +96,16 @@ def random_rois(num: int, num_images: int, height: float, width: float, generato
 # --------------------------------------------------------------------------------------------- RoIAlign
 
 
+@pytest.fixture(params=["many_channels", "few_channels"])
+def pooling_path(request, monkeypatch):
+    """Run a test through both pooling code paths (channels-last products, or per-channel planes)."""
+    monkeypatch.setattr(roi_align_module, "_FEW_CHANNELS", 1 if request.param == "many_channels" else 1000)
+    return request.param
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [0, 1, 2])
-def test_roi_align_matches_reference_loops(aligned, sampling_ratio):
+def test_roi_align_matches_reference_loops(aligned, sampling_ratio, pooling_path):
     generator = torch.Generator().manual_seed(sampling_ratio + 10 * aligned)
     features = torch.randn(2, 3, 9, 11, generator=generator, dtype=torch.float64)
     for spatial_scale, output_size in [(1.0, (2, 3)), (0.5, (3, 3)), (0.25, (1, 1))]:
@@ -112,7 +119,7 @@ def test_roi_align_matches_reference_loops(aligned, sampling_ratio):
         torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_roi_align_adaptive_grid_on_large_rois_and_many_chunks(monkeypatch):
+def test_roi_align_adaptive_grid_on_large_rois_and_many_chunks(monkeypatch, pooling_path):
     # big RoIs need several samples per bin; a tiny chunk budget forces the chunking path
     monkeypatch.setattr(roi_align_module, "_CHUNK_ELEMENTS", 200)
     generator = torch.Generator().manual_seed(3)
@@ -237,7 +244,7 @@ def test_map_roi_levels_thresholds():
     assert map_roi_levels(torch.tensor([[0.0, 10, 10, 66, 234]]), 4).tolist() == [1]
 
 
-def test_multi_scale_roi_align_pools_each_roi_from_its_level():
+def test_multi_scale_roi_align_pools_each_roi_from_its_level(pooling_path):
     generator = torch.Generator().manual_seed(8)
     strides = (4, 8, 16)
     features = [torch.randn(2, 3, 64 // s, 96 // s, generator=generator, dtype=torch.float64) for s in strides]

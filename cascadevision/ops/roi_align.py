@@ -34,6 +34,7 @@ __all__ = ["map_roi_levels", "multi_scale_roi_align", "roi_align"]
 # still in cache when the two matmuls read it, large enough that a chunk is ~100 us of work. Smaller is slower
 # (Python overhead per chunk), larger is slower too (cache misses), measured on a 2-core x86 CPU.
 _CHUNK_ELEMENTS = 1 << 20
+_FEW_CHANNELS = 16  # below this, pool channel planes separately (broadcast weights would cost more than the data)
 # On a GPU, fewer and larger chunks: 32M numbers (128 MB in fp32) bounds the memory of one chunk.
 _CHUNK_ELEMENTS_GPU = 1 << 25
 
@@ -260,17 +261,33 @@ def _pool(features: tuple[Tensor, ...], plan: _Plan, out_h: int, out_w: int, dty
         # a patch row is `cols` neighbouring pixels: cols * C contiguous numbers of the table
         table_rows = table.as_strided((table.shape[0] - cols + 1, cols * channels), (channels, 1))
         row_starts = plan.base[start:stop, None] + torch.arange(rows, device=out.device) * width  # (n, rows)
-        patch = table_rows.index_select(0, row_starts.flatten()).view(n, rows, cols * channels).to(dtype)
+        patch = table_rows.index_select(0, row_starts.flatten()).view(n, rows, cols, channels).to(dtype)
         weights_y = plan.weights_y[start:stop, :, :rows]  # (n, out_h, rows)
         weights_x = plan.weights_x[start:stop, :, :cols]  # (n, out_w, cols)
-        if cols <= rows:  # pool the longer side first: fewer multiply-adds in the second product
-            pooled = torch.bmm(weights_y, patch).view(n, out_h, cols, channels)  # rows pooled
-            result = torch.matmul(weights_x[:, None], pooled)  # (n, out_h, out_w, C)
-        else:
-            pooled = torch.matmul(weights_x[:, None], patch.view(n, rows, cols, channels))  # (n, rows, out_w, C)
-            result = torch.bmm(weights_y, pooled.view(n, rows, out_w * channels)).view(n, out_h, out_w, channels)
-        out.index_copy_(0, plan.order[start:stop], result.to(out.dtype))
+        out.index_copy_(0, plan.order[start:stop], _pool_patches(patch, weights_y, weights_x).to(out.dtype))
     return out
+
+
+def _pool_patches(patch: Tensor, weights_y: Tensor, weights_x: Tensor) -> Tensor:
+    """(n, out_h, out_w, C) = Ay @ patch @ Ax^T for patches (n, rows, cols, C); the longer side is pooled first,
+    which leaves the second product fewer multiply-adds."""
+    n, rows, cols, channels = patch.shape
+    out_h, out_w = weights_y.shape[1], weights_x.shape[1]
+    if channels < _FEW_CHANNELS:  # e.g. gt masks: one (rows, cols) matrix per channel, two plain bmm
+        planes = patch.permute(0, 3, 1, 2).reshape(n * channels, rows, cols)
+        weights_y = weights_y.repeat_interleave(channels, 0)
+        weights_x = weights_x.repeat_interleave(channels, 0).transpose(1, 2)
+        if cols <= rows:
+            result = 1.01 * torch.bmm(torch.bmm(weights_y, planes), weights_x)
+        else:
+            result = torch.bmm(weights_y, torch.bmm(planes, weights_x))
+        return result.view(n, channels, out_h, out_w).permute(0, 2, 3, 1)
+    # many channels: products over whole (cols * C) rows; broadcasting the small weights costs little
+    if cols <= rows:
+        pooled = torch.bmm(weights_y, patch.view(n, rows, cols * channels)).view(n, out_h, cols, channels)
+        return torch.matmul(weights_x[:, None], pooled)
+    pooled = torch.matmul(weights_x[:, None], patch)  # (n, rows, out_w, C)
+    return torch.bmm(weights_y, pooled.view(n, rows, out_w * channels)).view(n, out_h, out_w, channels)
 
 
 def _pool_backward(grad_out: Tensor, plan: _Plan, sizes: list[tuple[int, int]], batch_size: int,
