@@ -35,8 +35,7 @@ def is_distributed() -> bool:
 
 
 def get_rank() -> int:
-    """This process's rank; outside an initialised group, torchrun's RANK (so rank 1 is never "main")."""
-    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if is_distributed() else 0
 
 
 def get_world_size() -> int:
