@@ -17,8 +17,9 @@ CHANNELS = 8
 
 def make_head(**changes) -> CascadeRoIHead:
     base = preset_config("htc_r50_fpn_1x").roi_head
-    cfg = dataclasses.replace(base, fc_channels=16, mask_conv_channels=CHANNELS, semantic_num_classes=4,
-                              add_gt_as_proposals=False, num_samples=64, **changes)
+    changes = {"fc_channels": 16, "mask_conv_channels": CHANNELS, "semantic_num_classes": 4,
+               "add_gt_as_proposals": False, "num_samples": 64, **changes}
+    cfg = dataclasses.replace(base, **changes)
     torch.manual_seed(0)
     return CascadeRoIHead(cfg, num_classes=3, in_channels=CHANNELS)
 
@@ -218,3 +219,10 @@ def test_exit_summary_counts_roi_head_compute():
     full = 2 * sum(box) + dets * sum(mask)
     assert summary["roi_head_gmacs"] * 1e9 == pytest.approx(spent)
     assert summary["saved_fraction"] == pytest.approx(1 - spent / full)
+
+
+def test_info_flow_with_narrower_mask_convs():
+    head = make_head(with_semantic=False, mask_conv_channels=4).eval()
+    logits = head._mask_logits(2, torch.randn(2, CHANNELS, 14, 14))
+    assert [tuple(l.shape) for l in logits] == [(2, 3, 28, 28)] * 3
+    assert head.mask_head[1].conv_res.conv.weight.shape == (CHANNELS, 4, 1, 1)

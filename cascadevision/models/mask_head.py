@@ -20,7 +20,8 @@ class MaskHead(nn.Module):
     def __init__(self, in_channels: int, conv_channels: int, num_convs: int, num_classes: int,
                  with_conv_res: bool = False):
         super().__init__()
-        self.conv_res = ConvModule(conv_channels, conv_channels, 1) if with_conv_res else None
+        # maps the previous stage's feature (conv_channels) onto this head's input (in_channels)
+        self.conv_res = ConvModule(conv_channels, in_channels, 1) if with_conv_res else None
         self.convs = nn.ModuleList(
             ConvModule(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1) for i in range(num_convs)
         )
