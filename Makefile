@@ -3,6 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# idle OpenMP threads sleep instead of spinning: data-loader workers and the trainer share 2 cores without
+# stalling each other's parallel regions
+export OMP_WAIT_POLICY ?= PASSIVE
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

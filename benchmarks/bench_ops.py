@@ -8,6 +8,9 @@ RoIAlign: 1000 RoIs of one 800x1216 image with log-uniform sizes 16-800 px, pool
 Mask targets: 128 large RoIs cropped from 10 full-resolution gt masks at 28x28 (one channel).
 NMS: random boxes around N / 20 objects (many overlaps), IoU 0.5 and 0.7, and 80-class batched NMS.
 Other processes on the machine inflate the numbers (the load average is printed); compare the min column.
+OMP_WAIT_POLICY defaults to PASSIVE here: on a shared machine, OpenMP threads that spin between parallel regions
+fight other processes for the cores and make multi-threaded runs of small ops up to 1000x slower. Run with
+OMP_WAIT_POLICY=ACTIVE to measure the default policy.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cascadevision.ops import batched_nms, multi_scale_roi_align, nms, paste_masks, roi_align  # noqa: E402
@@ -72,13 +76,15 @@ def run(runs: int) -> list[tuple[str, float]]:
                      median_ms(lambda: multi_scale_roi_align(features, rois, size, STRIDES), runs)))
         rows.append((f"multi_scale_roi_align 1000 RoIs, 256 ch, {size}x{size} (channels_last features)",
                      median_ms(lambda: multi_scale_roi_align(features_cl, rois, size, STRIDES), runs)))
-    grads = [f.clone().requires_grad_() for f in features]
+    for name, maps in (("NCHW", features), ("channels_last", features_cl)):
+        leaves = [f.clone().requires_grad_() for f in maps]  # clone keeps the memory format
 
-    def forward_backward():
-        for f in grads:
-            f.grad = None
-        multi_scale_roi_align(grads, rois[:512], 7, STRIDES).sum().backward()
-    rows.append(("multi_scale_roi_align 512 RoIs 7x7, forward + backward (NCHW)", median_ms(forward_backward, runs)))
+        def forward_backward():
+            for f in leaves:
+                f.grad = None
+            multi_scale_roi_align(leaves, rois[:512], 7, STRIDES).sum().backward()
+        rows.append((f"multi_scale_roi_align 512 RoIs 7x7, forward + backward ({name} features)",
+                     median_ms(forward_backward, runs)))
     gt_masks = (torch.rand(10, 1, IMAGE_H, IMAGE_W, generator=generator) > 0.5).float()
     mask_rois = random_rois(128, generator)
     mask_rois[:, 0] = torch.randint(0, 10, (128,), generator=generator).float()
@@ -112,7 +118,8 @@ def main() -> None:
         single = run(runs)
         torch.set_num_threads(threads)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    print(f"torch {torch.__version__}, CPU with {os.cpu_count()} cores{load}; ms, median (min) of {runs} runs\n")
+    print(f"torch {torch.__version__}, CPU with {os.cpu_count()} cores{load}, OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}; ms, median (min) of {runs} runs\n")
     print(f"| op | {threads} threads |" + (" 1 thread |" if single else ""))
     print("|---|---:|" + ("---:|" if single else ""))
     for i, (name, times) in enumerate(results):

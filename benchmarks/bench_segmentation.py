@@ -51,7 +51,8 @@ def count_macs(model: torch.nn.Module, size: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def train_one(model: torch.nn.Module, dataset, iters: int, batch_size: int, lr: float, seed: int) -> tuple[float, float]:
+def train_one(model: torch.nn.Module, dataset, iters: int, batch_size: int, lr: float,
+              seed: int) -> tuple[float, float]:
     """AdamW at a constant lr; returns (seconds, mean loss over the last 50 iterations)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     parser.add_argument("--only", type=int, nargs="*", help="indices of VARIANTS to run (default: all)")
     parser.add_argument("--data", default="", help="reuse a synthetic dataset directory")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -99,7 +101,7 @@ def main() -> None:
                                   class_names=train_set.class_names)
     print(f"data: {len(train_set)} train / {len(val_set)} val images of {args.size}px, {train_set.num_classes} "
           f"classes; {args.iters} iterations of batch {args.batch_size}, AdamW lr {args.lr}, "
-          f"{args.threads} thread(s)", flush=True)
+          f"{args.threads} thread(s), seed {args.seed}", flush=True)
 
     base = seg_preset_config("cascade_r18")
     base = dataclasses.replace(base, num_classes=train_set.num_classes, class_names=tuple(train_set.class_names),
@@ -108,14 +110,14 @@ def main() -> None:
     for index, (name, decoder, loss) in enumerate(VARIANTS):
         if args.only and index not in args.only:
             continue
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = build_segmenter(dataclasses.replace(base, decoder=decoder, loss=loss))
         params = sum(p.numel() for p in model.parameters())
         decoder_params = sum(p.numel() for p in model.decoder.parameters()) + sum(
             p.numel() for p in model.heads.parameters())
         macs = count_macs(model, args.size)
         print(f"[{index}] {name}: {params / 1e6:.2f}M params, {macs / 1e9:.2f} GMACs", flush=True)
-        seconds, final_loss = train_one(model, train_set, args.iters, args.batch_size, args.lr, seed=0)
+        seconds, final_loss = train_one(model, train_set, args.iters, args.batch_size, args.lr, seed=args.seed)
         scores = evaluate(model, val_set, progress=False)
         row = {"variant": name, "params_M": params / 1e6, "decoder_params_M": decoder_params / 1e6,
                "GMACs": macs / 1e9, "train_min": seconds / 60, "final_loss": final_loss,

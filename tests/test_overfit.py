@@ -9,7 +9,7 @@ from cascadevision.engine import evaluate, train
 from cascadevision.models import build_from_config
 from cascadevision.models.presets import preset_config
 
-ITERS = 300
+ITERS = 400
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_tiny_htc_overfits_a_few_images(tmp_path):
     cfg = update(Config(model=preset_config("htc_r18_fpn")), {
         "model": {
             "num_classes": dataset.num_classes, "input": {"scale": [128, 128]},
-            "backbone": {"base_channels": 16}, "neck": {"out_channels": 32}, "rpn": {"feat_channels": 32},
+            "backbone": {"base_channels": 16}, "neck": {"out_channels": 32}, "rpn": {"feat_channels": 32, "anchor_scales": [4]},
             "roi_head": {"fc_channels": 128, "mask_conv_channels": 32, "num_samples": 64, "semantic_num_classes": 9},
         },
         "data": {"batch_size": 4, "num_workers": 0, "flip_prob": 0.0},

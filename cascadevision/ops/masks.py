@@ -4,7 +4,8 @@ MMDetection samples each (h, w) mask with `grid_sample(align_corners=False)` at 
 (+0.5) mapped into the box, so the box edges fall on the mask's outer edges, and it only fills the box grown
 by one pixel and clipped to the image (its CPU path pastes mask by mask). Bilinear sampling on a grid whose x
 depends only on the column and y only on the row is separable, so one mask's paste is two matmuls,
-Wy (rows, h) @ mask (h, w) @ Wx^T (w, cols), over a window around its box.
+Wy (rows, h) @ mask (h, w) @ Wx^T (w, W), computed for the image rows around its box (full width, so whole
+rows are copied into the output) and batched over masks of similar heights.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
     order = torch.sort(rows, stable=True).indices
     order = order[rows[order] > 0]
     rows_sorted = rows[order]
-    octave = torch.floor(torch.log2(rows_sorted.double().clamp(min=1))).long()
+    octave = torch.floor(torch.log2(rows_sorted.float().clamp(min=1))).long()
     before = torch.cumsum(rows_sorted, 0) - rows_sorted
     octave_first = torch.searchsorted(octave, octave)
     chunk_key = octave * (num + 1) + (before - before[octave_first]) * width // _CHUNK_ELEMENTS

@@ -38,7 +38,7 @@ class SegDataConfig:
     val_images: str = ""
     val_labels: str = ""
     classes: str = ""  # JSON list of class names; "" = semantic_classes.json near the labels, else inferred
-    augment: str = "rot_flip"  # "rot_flip" (the reference: rot90 + flip, or a rotation of up to 20 deg), "hflip", "none"
+    augment: str = "rot_flip"  # "rot_flip" (the reference: rot90 + flip, or a rotation up to 20 deg), "hflip", "none"
     batch_size: int = 24  # images per process (CASCADE Synapse)
     num_workers: int = 2
 
