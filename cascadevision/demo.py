@@ -13,7 +13,7 @@ from .models.presets import preset_config
 
 DEMO_IMAGES = 400
 DEMO_SIZE = 256
-DEMO_ITERS = 600
+DEMO_ITERS = 400
 
 
 def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
