@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the model presets")
 
     from .early_exit.cli import add_parser as add_exits_parser
+    from .segmentation.cli import add_parser as add_segment_parser
+
     add_exits_parser(sub)
+    add_segment_parser(sub)
     return parser
 
 
@@ -188,6 +191,10 @@ def _run(args) -> int:
         from .early_exit.cli import run as run_exits
 
         return run_exits(args)
+    if args.command == "segment":
+        from .segmentation.cli import run as run_segment
+
+        return run_segment(args)
     raise AssertionError(args.command)
 
 
