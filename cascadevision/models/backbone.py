@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import BackboneConfig
+from .layers import FreezableBackbone
 
 # depth -> (block type, blocks per stage)
 ARCH = {
@@ -56,7 +57,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(FreezableBackbone):
     """Returns the outputs of the stages in `out_indices` (C2..C5 by default, strides 4..32).
 
     `frozen_stages=k` freezes the stem and layer1..k (no gradients, held in eval mode); `norm_eval` keeps every
@@ -111,22 +112,6 @@ class ResNet(nn.Module):
         if self.frozen_stages < 0:
             return []
         return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for p in module.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

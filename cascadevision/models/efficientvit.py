@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..config import BackboneConfig
 from ..errors import CheckpointError, ConfigError
 from .classifier import drop_path, load_state_by_name
+from .layers import FreezableBackbone
 
 
 @dataclass
@@ -392,7 +393,7 @@ def build_efficientvit(name: str, num_classes: int = 1000, weights: str | Path |
 # detection backbone
 
 
-class EfficientViTBackbone(EfficientViT):
+class EfficientViTBackbone(FreezableBackbone, EfficientViT):
     """EfficientViT M0-M5 feeding an FPN: up to five maps, one per level, chosen by `cfg.out_indices`.
 
         level 0: stride 4,  the stem after its 2nd conv + ReLU   (C1/4 channels)
@@ -436,22 +437,6 @@ class EfficientViTBackbone(EfficientViT):
         if self.frozen_stages < 0:
             return []
         return [self.patch_embed] + [getattr(self, f"blocks{i}") for i in range(1, self.frozen_stages + 1)]
-
-    def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for p in module.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def forward(self, x: Tensor) -> list[Tensor]:
         levels: list[Tensor] = []

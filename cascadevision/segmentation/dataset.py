@@ -20,7 +20,7 @@ from ..data.image import load_image, load_label_map
 from ..errors import DatasetError
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from ..pipeline import IMAGE_SUFFIXES
 CLASS_FILES = ("semantic_classes.json", "classes.json")
 
 Target = dict[str, Any]

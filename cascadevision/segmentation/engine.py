@@ -18,7 +18,8 @@ from ..config import update
 from ..engine import distributed as dist_utils
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .config import SegModelConfig, SegmentationConfig, build_segmenter
-from .dataset import IMAGE_SUFFIXES, SegmentationDataset, train_transforms
+from ..pipeline import collect_images
+from .dataset import SegmentationDataset, train_transforms
 from .metrics import ConfusionMatrix, format_scores
 
 
@@ -134,20 +135,6 @@ def run_evaluation(checkpoint: str | Path, images: str | Path, labels: str | Pat
     if dataset.num_classes != model.num_classes:
         raise DatasetError(f"{labels}: {dataset.num_classes} classes, but {checkpoint} predicts {model.num_classes}")
     return evaluate(model, dataset, out_dir=out_dir, progress=progress)
-
-
-def collect_images(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.exists():
-            files.append(p)
-        else:
-            raise DatasetError(f"{p}: no such image file or directory")
-    if not files:
-        raise DatasetError(f"no images found in {', '.join(paths)}")
-    return files
 
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, device: str = "auto",
