@@ -92,3 +92,13 @@ def test_yaml_config_and_overrides(tmp_path):
         load_config(None, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="unknown config key 'model.roi_head.iou'.*iou_thresholds"):
         load_config(None, ["model.roi_head.iou=0.5"])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--num-images", "6", "--max-iters", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| htc_r18_fpn" in out and "| mask_rcnn_r18_fpn" in out and "prediction PNGs" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["models"]) == {"htc_r18_fpn", "mask_rcnn_r18_fpn"}
+    assert list((tmp_path / "demo" / "predictions").glob("*.png"))
