@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascadevision.config import RoIHeadConfig
 from cascadevision.errors import DatasetError
 from cascadevision.models.cascade import CascadeRoIHead
 from cascadevision.models.presets import preset_config

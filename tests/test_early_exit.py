@@ -27,13 +27,7 @@ from cascadevision.errors import ConfigError
 from cascadevision.macs import count_macs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread is faster than two fighting over a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_resnet(num_stages=3, base_width=4, seed=0):

@@ -21,13 +21,7 @@ PUBLISHED_PARAMS_M = {"m0": 2.35, "m1": 2.98, "m2": 4.19, "m3": 6.90, "m4": 8.80
 PUBLISHED_MACS_M = {"m0": 79, "m1": 167, "m2": 201, "m3": 263, "m4": 299, "m5": 522}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, and far faster than two on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:

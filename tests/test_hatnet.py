@@ -12,12 +12,7 @@ PUBLISHED_PARAMS_M = {"tiny": 12.66, "small": 25.75, "medium": 42.94, "large": 6
 PUBLISHED_GFLOPS = {"tiny": 2.0, "small": 4.3, "medium": 8.3, "large": 11.5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------

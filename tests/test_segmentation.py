@@ -11,7 +11,7 @@ from cascadevision.data import generate_synthetic
 from cascadevision.errors import ConfigError, DatasetError
 from cascadevision.segmentation import (ConfusionMatrix, SegmentationDataset, build_segmenter, load_seg_config,
                                         seg_preset_names)
-from cascadevision.segmentation.cli import main
+from cascadevision.cli import main
 from cascadevision.segmentation.dataset import RandomRotFlip, rotate
 
 torch.set_num_threads(1)

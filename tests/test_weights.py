@@ -9,7 +9,7 @@ import torch
 from cascadevision import build_model
 from cascadevision.cli import main as cli_main
 from cascadevision.errors import CheckpointError
-from cascadevision.weights import convert_to_safetensors, inspect_weights, load_weights
+from cascadevision.weights import inspect_weights, load_weights
 
 PRESET = "htc_r18_fpn"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,24 +93,3 @@ def run(args: argparse.Namespace) -> int:
               f"{Path(args.out) / 'labels'}")
         return 0
     raise AssertionError(args.segment_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cascadevision.segmentation.cli segment ...`: the same command outside the main CLI."""
-    from ..errors import CascadeVisionError
-
-    parser = argparse.ArgumentParser(prog="cascadevision")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except CascadeVisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
