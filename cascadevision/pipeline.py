@@ -32,15 +32,9 @@ def train_datasets(cfg: Config):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{name}' but CUDA is not available on this machine")
-    return device
+    from .engine.trainer import resolve_device as resolve
+
+    return resolve(name)
 
 
 def run_training(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, weights: str = "",

@@ -99,7 +99,7 @@ def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Pat
     `val_dataset` at the end (default: COCO `evaluator.evaluate`).
     """
     created_group = not torch.distributed.is_initialized()
-    device = _resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size, _ = dist_utils.init_distributed("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -414,7 +414,8 @@ def _smoothed(recent: deque) -> dict[str, str]:
 # devices and RNG
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` -> a device (plain `cuda` under torchrun: this process's GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
