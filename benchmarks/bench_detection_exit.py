@@ -21,6 +21,10 @@ def main() -> None:
     parser.add_argument("--policy", default="max_prob")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.99, 0.95, 0.9, 0.8, 0.6])
     parser.add_argument("--background", type=float, default=0.99, help="drop RoIs with P(background) >= this")
+    parser.add_argument("--prune", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3],
+                        help="pruner thresholds: stop refining RoIs whose best class probability is below this")
+    parser.add_argument("--combined", type=float, default=0.9,
+                        help="policy threshold used together with each prune threshold")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     settings = [("full cascade", {"policy": "none", "background_threshold": 0.0})]
@@ -29,6 +33,11 @@ def main() -> None:
     settings += [(f"{args.policy} {t} + background", {"policy": args.policy, "threshold": t,
                                                         "background_threshold": args.background})
                  for t in args.thresholds]
+    settings += [(f"prune < {p} + background", {"policy": "none", "prune_threshold": p,
+                                                 "background_threshold": args.background}) for p in args.prune]
+    settings += [(f"{args.policy} {args.combined} + prune < {p} + background",
+                  {"policy": args.policy, "threshold": args.combined, "prune_threshold": p,
+                   "background_threshold": args.background}) for p in args.prune]
     rows = []
     for name, exit_cfg in settings:
         start = time.perf_counter()

@@ -21,6 +21,8 @@ def _add_early_exit(p: argparse.ArgumentParser) -> None:
                    help="region-level exit policy: confident RoIs stop being refined")
     g.add_argument("--exit-threshold", type=float, help="confidence to leave (entropy: at most this)")
     g.add_argument("--exit-background", type=float, help="drop RoIs once P(background) >= this")
+    g.add_argument("--exit-prune", type=float,
+                   help="stop refining (but keep) RoIs whose best class probability is below this")
     g.add_argument("--time-budget-ms", type=float, help="anytime inference: stop the cascade past this budget")
 
 
@@ -35,7 +37,8 @@ def _model_overrides(args) -> dict:
         raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
     model = nested.get("model", {})
     options = {"policy": args.early_exit, "threshold": args.exit_threshold,
-               "background_threshold": args.exit_background, "time_budget_ms": args.time_budget_ms}
+               "background_threshold": args.exit_background, "prune_threshold": args.exit_prune,
+               "time_budget_ms": args.time_budget_ms}
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         model.setdefault("roi_head", {}).setdefault("early_exit", {}).update(options)

@@ -71,6 +71,8 @@ class EarlyExitConfig:
     policy: str = "none"  # "none", "max_prob", "entropy" or "margin"
     threshold: float = 0.9  # a RoI stops being refined once its confidence passes this (entropy: falls below)
     background_threshold: float = 0.0  # a RoI is dropped once P(background) >= this; 0 disables
+    prune_threshold: float = 0.0  # pruner: a RoI whose best class probability is below this stops being
+    #                               refined but is kept (box, score and mask from the stages it went through)
     time_budget_ms: float = 0.0  # anytime inference: past this the cascade stops at the current stage; 0 = no limit
 
 
@@ -143,13 +145,17 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 12
     max_iters: int = 0  # > 0: train for this many iterations instead of `epochs`
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adamw" (no weight decay on norms and biases)
     lr: float = 0.02
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
+    lr_schedule: str = "step"  # "step": lr *= lr_gamma at each of lr_steps; "cosine": to min_lr_ratio * lr
     lr_steps: tuple[int, ...] = (8, 11)  # epochs at which lr *= lr_gamma (iterations when max_iters > 0)
     lr_gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine only: the final lr as a fraction of `lr`
     grad_clip: float = 0.0  # max global grad norm; 0 disables
     amp: bool = False  # mixed precision (CUDA only)
     checkpoint_interval: int = 500  # iterations

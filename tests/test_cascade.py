@@ -1,13 +1,14 @@
 """Behaviour of the cascade RoI head: per-stage relabelling, interleaving, mask information flow, semantic
 fusion and the test-time ensembles, each checked against a hand-built expectation."""
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cascadevision.errors import DatasetError
-from cascadevision.models.cascade import CascadeRoIHead
+from cascadevision.models.cascade import CascadeRoIHead, exit_decisions
 from cascadevision.models.presets import preset_config
 from cascadevision.ops import multi_scale_roi_align, roi_align
 
@@ -159,10 +160,11 @@ def test_cascade_mask_rcnn_is_htc_with_switches_off():
     assert not any(a.match_low_quality for a in head.assigners)
 
 
-def exit_head(policy="max_prob", threshold=0.9, background=0.0):
+def exit_head(policy="max_prob", threshold=0.9, background=0.0, prune=0.0):
     head = make_head(with_semantic=False, score_thr=0.0)
     head.cfg = dataclasses.replace(head.cfg, early_exit=dataclasses.replace(
-        head.cfg.early_exit, policy=policy, threshold=threshold, background_threshold=background))
+        head.cfg.early_exit, policy=policy, threshold=threshold, background_threshold=background,
+        prune_threshold=prune))
     zero_regression(head)
     for bbox_head in head.bbox_head:
         torch.nn.init.zeros_(bbox_head.fc_cls.weight)
@@ -202,6 +204,26 @@ def test_background_rois_are_dropped_and_deadline_stops_the_cascade():
     head = exit_head(policy="none")
     head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)], deadline=0.0)  # already past
     assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]
+
+
+def test_pruned_rois_stop_after_the_first_stage_but_are_kept():
+    head = exit_head(policy="none", prune=0.3)
+    # stage 1: P = softmax(0, 0, 0, 2) -> best class 0.095 < 0.3; the later stages would make it confident
+    head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([0.0, 0, 0, 2]))
+    head.bbox_head[1].fc_cls.bias.data.copy_(torch.tensor([0.0, 9, 0, 0]))
+    out = head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])[0]
+    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]
+    assert head.exit_counts.dropped == [0, 0, 0]
+    expected = 1 / (3 + math.exp(2))
+    torch.testing.assert_close(out["scores"], torch.full((3,), expected))  # every class of the one RoI
+    assert (out["exit_stage"] == 0).all() and head.exit_counts.masks == [3, 0, 0]
+    # a RoI above the prune threshold keeps going; background dropping wins over pruning
+    head.cfg = dataclasses.replace(head.cfg, early_exit=dataclasses.replace(head.cfg.early_exit, prune_threshold=0.05))
+    head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])
+    assert head.exit_counts.rois == [1, 1, 1]
+    probs = torch.tensor([[0.05, 0.05, 0.0, 0.9], [0.5, 0.1, 0.1, 0.3]])
+    leave, drop = exit_decisions(probs, dataclasses.replace(head.cfg.early_exit, background_threshold=0.8))
+    assert leave.tolist() == [False, False] and drop.tolist() == [True, False]
 
 
 def test_exit_summary_counts_roi_head_compute():

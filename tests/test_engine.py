@@ -1,5 +1,6 @@
 """The training loop, on a model with three parameters and a dataset of ten 4x6 images."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -12,8 +13,8 @@ import torch
 from torch import nn
 
 from cascadevision.config import Config, update
-from cascadevision.engine import WarmupMultiStepLR, load_checkpoint, train
-from cascadevision.errors import CheckpointError, TrainingError
+from cascadevision.engine import WarmupMultiStepLR, build_optimizer, load_checkpoint, train
+from cascadevision.errors import CheckpointError, ConfigError, TrainingError
 from test_evaluator import PerfectModel, make_eval_dataset
 
 
@@ -99,6 +100,48 @@ def test_lr_schedule_warms_up_linearly_then_steps_down():
                 11: 0.0002, 12: 0.0002}                 # after the second
     for iteration, lr in expected.items():
         assert lrs[iteration] == pytest.approx(lr, rel=1e-12), iteration
+
+
+def test_cosine_schedule_after_warm_up():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = WarmupMultiStepLR(optimizer, milestones=[], gamma=0.1, warmup_iters=2, warmup_ratio=0.5,
+                                  schedule="cosine", max_iters=8, min_ratio=0.1)
+    lrs = []
+    for _ in range(9):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    # cos(pi * 2/8) = sqrt(2)/2; cos(pi/2) = 0; cos(pi) = -1
+    expected = {0: 0.1 * 0.5 * 1.0,
+                1: 0.1 * 0.75 * (0.1 + 0.9 * (1 + math.cos(math.pi / 8)) / 2),
+                2: 0.1 * (0.1 + 0.9 * (1 + math.sqrt(2) / 2) / 2),
+                4: 0.1 * (0.1 + 0.9 * 0.5),
+                8: 0.1 * 0.1}
+    for iteration, lr in expected.items():
+        assert lrs[iteration] == pytest.approx(lr, rel=1e-12), iteration
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        WarmupMultiStepLR(optimizer, [], 0.1, 0, 0.1, schedule="poly", max_iters=8)
+
+
+def test_adamw_decays_only_matrices_and_kernels():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 2, 5, 5))
+    cfg = tiny_config(optimizer="adamw", lr=1e-3, weight_decay=0.05, betas=[0.8, 0.9]).train
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, plain = optimizer.param_groups
+    assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(plain["params"]) == 4 and plain["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.05
+    assert decayed["betas"] == (0.8, 0.9)
+    # one step on a zero gradient: only the decayed weights shrink, by lr * weight_decay
+    before = model[0].weight.detach().clone()
+    bias = model[0].bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(model[0].weight, before * (1 - 1e-3 * 0.05))
+    torch.testing.assert_close(model[0].bias, bias)
+    with pytest.raises(ConfigError, match="train.optimizer.*sgd, adamw"):
+        build_optimizer(model, tiny_config(optimizer="adam").train)
 
 
 def test_trainer_converts_epoch_steps_to_iterations(tmp_path):

@@ -34,7 +34,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..config import Config, to_dict
+from ..config import Config, TrainConfig, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingError
 from . import distributed as dist_utils
 from .checkpoint import atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint
@@ -43,26 +43,38 @@ _SMOOTHING_WINDOW = 20  # iterations averaged for the progress bar
 
 
 class WarmupMultiStepLR:
-    """lr = base_lr * gamma^(number of milestones <= iteration) * warm-up factor.
+    """lr = base_lr * decay(iteration) * warm-up factor.
 
-    The warm-up factor rises linearly from `warmup_ratio` at iteration 0 to 1 at `warmup_iters` (MMDetection's
-    linear warm-up). `step()` is called after each optimizer step; the state is just the iteration count, and
-    the lr is recomputed from it, so a resumed run gets exactly the same values.
+    decay is gamma^(number of milestones <= iteration) for the step schedule, or for the cosine schedule
+    min_ratio + (1 - min_ratio) * (1 + cos(pi * iteration / max_iters)) / 2. The warm-up factor rises linearly
+    from `warmup_ratio` at iteration 0 to 1 at `warmup_iters` (MMDetection's linear warm-up). `step()` is
+    called after each optimizer step; the state is just the iteration count, and the lr is recomputed from
+    it, so a resumed run gets exactly the same values.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, milestones: list[int], gamma: float,
-                 warmup_iters: int, warmup_ratio: float):
+                 warmup_iters: int, warmup_ratio: float, *, schedule: str = "step", max_iters: int = 0,
+                 min_ratio: float = 0.0):
+        if schedule not in ("step", "cosine"):
+            raise ConfigError(f"train.lr_schedule: unknown schedule '{schedule}'; valid: step, cosine")
+        if schedule == "cosine" and max_iters <= 0:
+            raise ConfigError("train.lr_schedule: the cosine schedule needs the total number of iterations")
         self.optimizer = optimizer
         self.milestones = sorted(milestones)
         self.gamma = gamma
         self.warmup_iters = warmup_iters
         self.warmup_ratio = warmup_ratio
+        self.schedule, self.max_iters, self.min_ratio = schedule, max_iters, min_ratio
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.iteration = 0
         self._apply()
 
     def factor(self, iteration: int) -> float:
-        decay = self.gamma ** sum(1 for milestone in self.milestones if iteration >= milestone)
+        if self.schedule == "cosine":
+            progress = min(iteration / self.max_iters, 1.0)
+            decay = self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            decay = self.gamma ** sum(1 for milestone in self.milestones if iteration >= milestone)
         if iteration < self.warmup_iters:
             decay *= self.warmup_ratio + (1.0 - self.warmup_ratio) * iteration / self.warmup_iters
         return decay
@@ -85,6 +97,20 @@ class WarmupMultiStepLR:
         factor = self.factor(self.iteration)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum over every trainable parameter (the reference), or AdamW with weight decay only on
+    weight matrices and kernels: norm scales, biases and other 1-D parameters are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=tuple(tc.betas))
+    raise ConfigError(f"train.optimizer: unknown optimizer '{tc.optimizer}'; valid: sgd, adamw")
 
 
 def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Path, *, val_dataset=None,
@@ -128,7 +154,7 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters (all have requires_grad=False)")
-        self.optimizer = torch.optim.SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        self.optimizer = build_optimizer(model, tc)
         self.sampler = AspectRatioBatchSampler(dataset.aspect_ratios, cfg.data.batch_size, shuffle=True,
                                                seed=tc.seed, rank=rank, world_size=world_size)
         self.iters_per_epoch = len(self.sampler)
@@ -136,7 +162,9 @@ class _Trainer:
             raise TrainingError("the training set is empty: no batch to train on")
         self.max_iters = tc.max_iters if tc.max_iters > 0 else tc.epochs * self.iters_per_epoch
         milestones = list(tc.lr_steps) if tc.max_iters > 0 else [e * self.iters_per_epoch for e in tc.lr_steps]
-        self.scheduler = WarmupMultiStepLR(self.optimizer, milestones, tc.lr_gamma, tc.warmup_iters, tc.warmup_ratio)
+        self.scheduler = WarmupMultiStepLR(self.optimizer, milestones, tc.lr_gamma, tc.warmup_iters, tc.warmup_ratio,
+                                           schedule=tc.lr_schedule, max_iters=self.max_iters,
+                                           min_ratio=tc.min_lr_ratio)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.net = model

@@ -352,12 +352,18 @@ class StageCounts:
 
 
 def exit_decisions(probs: Tensor, cfg) -> tuple[Tensor, Tensor]:
-    """(leave, drop) masks for RoIs with class probabilities `probs` (K, C+1), background last."""
-    drop = probs[:, -1] >= cfg.background_threshold if cfg.background_threshold > 0 else probs.new_zeros(
-        len(probs), dtype=torch.bool)
-    if cfg.policy == "none":
-        return probs.new_zeros(len(probs), dtype=torch.bool), drop
+    """(leave, drop) masks for RoIs with class probabilities `probs` (K, C+1), background last.
+
+    A RoI leaves when the policy finds it confident, or when the pruner finds it not worth refining (its best
+    class probability is below `cfg.prune_threshold`); it is dropped when P(background) >= the background
+    threshold. Dropping wins over leaving.
+    """
+    no = probs.new_zeros(len(probs), dtype=torch.bool)
+    drop = probs[:, -1] >= cfg.background_threshold if cfg.background_threshold > 0 else no
     fg = probs[:, :-1]
+    pruned = fg.max(1).values < cfg.prune_threshold if cfg.prune_threshold > 0 else no
+    if cfg.policy == "none":
+        return pruned & ~drop, drop
     if cfg.policy == "max_prob":
         leave = fg.max(1).values >= cfg.threshold
     elif cfg.policy == "margin":
@@ -368,7 +374,7 @@ def exit_decisions(probs: Tensor, cfg) -> tuple[Tensor, Tensor]:
         leave = (entropy <= cfg.threshold) & (probs.argmax(1) < fg.shape[1])
     else:
         raise ValueError(f"roi_head.early_exit.policy must be none, max_prob, entropy or margin, got '{cfg.policy}'")
-    return leave & ~drop, drop
+    return (leave | pruned) & ~drop, drop
 
 
 def build_cascade_head(cfg: RoIHeadConfig, num_classes: int, in_channels: int, num_feature_levels: int = 5):
