@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from .errors import CascadeVisionError
+from .runtime import configure_cpu_runtime
+
+configure_cpu_runtime()  # before anything imports torch: OpenMP reads OMP_WAIT_POLICY once, when torch loads
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="initial weights: checkpoint, MMDetection .pth or ImageNet ResNet")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the run directory's latest checkpoint (or the given one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, config and logs are removed)")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
 
@@ -75,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ann", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--out", default=None, help="directory for results.json and metrics.json")
+    p.add_argument("--class-map", default=None, metavar="MODEL=DATASET,...|FILE",
+                   help="how the checkpoint's classes relate to the annotation file's categories when they differ: "
+                        "model class name or id = dataset category name or id (or a JSON/YAML file of such pairs); "
+                        "unmapped model classes are not scored")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     _add_set(p)
@@ -94,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="training seed (initial weights, data order, augmentation)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("weights", help="inspect or convert weight files")
@@ -105,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("dst")
 
     sub.add_parser("presets", help="list the model presets")
+
+    p = sub.add_parser("check-data", help="check a COCO dataset: annotations, and every image's existence, "
+                                          "readability and size; lists every problem at once")
+    p.add_argument("ann", help="COCO annotation JSON")
+    p.add_argument("images", help="image directory")
+    p.add_argument("--semantic", default=None, help="directory of semantic label-map PNGs to check too")
+    p.add_argument("--quick", action="store_true", help="read image headers only (what train runs at start)")
 
     from .early_exit.cli import add_parser as add_exits_parser
     from .segmentation.cli import add_parser as add_segment_parser
@@ -124,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except PermissionError as exc:  # a location the early checks could not foresee
+        print(f"error: {exc.filename or ''}: permission denied", file=sys.stderr)
+        return 2
 
 
 def _run(args) -> int:
@@ -147,6 +167,16 @@ def _run(args) -> int:
             count = convert_to_safetensors(args.src, args.dst)
             print(f"wrote {count} tensors to {args.dst}")
         return 0
+    if args.command == "check-data":
+        from .data import check_dataset, format_problems
+
+        problems = check_dataset(args.ann, args.images, semantic_dir=args.semantic, deep=not args.quick,
+                                 progress=True)
+        if problems:
+            print(format_problems(problems, limit=200))
+            return 1
+        print(f"{args.ann}: no problems found")
+        return 0
     if args.command == "presets":
         from .models import preset_names
 
@@ -163,7 +193,7 @@ def _run(args) -> int:
         cfg = update(cfg, {"data": data})
         cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
         metrics = run_training(cfg, args.out, resume=args.resume, weights=args.weights,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, overwrite=args.overwrite)
         if metrics and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
             print(format_metrics(metrics, title=cfg.model.preset or "model"))
         return 0
@@ -172,7 +202,7 @@ def _run(args) -> int:
 
         metrics = run_evaluation(args.checkpoint, args.ann, args.images, args.out,
                                  overrides=_model_overrides(args), device=args.device,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, class_map=args.class_map)
         print(format_metrics(metrics))
         if "early_exit" in metrics:
             print(format_exit_summary(metrics["early_exit"]))
@@ -183,12 +213,19 @@ def _run(args) -> int:
         summary = run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
                                  overrides=_model_overrides(args), device=args.device,
                                  progress=not args.no_progress)
-        print(f"wrote {len(summary)} overlays and results.json to {Path(args.out)}")
+        failed = [entry for entry in summary if "error" in entry]
+        print(f"wrote {len(summary) - len(failed)} overlays and results.json to {Path(args.out)}")
+        if failed:
+            print(f"skipped {len(failed)} unreadable file(s):", file=sys.stderr)
+            for entry in failed:
+                print(f"  {entry['error']}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, num_images=args.num_images, max_iters=args.max_iters, progress=not args.no_progress)
+        run_demo(args.out, num_images=args.num_images, max_iters=args.max_iters, progress=not args.no_progress,
+                 seed=args.seed)
         return 0
     if args.command == "exits":
         from .early_exit.cli import run as run_exits

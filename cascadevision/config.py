@@ -7,6 +7,8 @@ overrides are applied on top, and any unknown key is an error naming the key and
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,12 +105,14 @@ class RoIHeadConfig:
     nms_iou: float = 0.5
     max_per_img: int = 100
     mask_thr: float = 0.5
+    mask_output: str = "full"  # "full": (N, H, W) bool `masks`; "probs": (N, 28, 28) `mask_probs`, pasted later
     # HTC only
     interleaved: bool = True
     mask_info_flow: bool = True
     with_semantic: bool = False
     semantic_num_classes: int = 183
     semantic_loss_weight: float = 0.2
+    semantic_loss_avg_non_ignore: bool = False  # CE summed / all pixels (MMDetection v3); True: / labelled ones
     semantic_fusion_level: int = 1
     mask_ensemble: str = "mean"  # "mean" of all stages' sigmoid masks, or "last"
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
@@ -139,6 +143,7 @@ class DataConfig:
     flip_prob: float = 0.5
     filter_empty: bool = True  # drop training images without usable annotations
     min_size: int = 0  # drop training images whose shorter side is below this
+    check_images: bool = True  # at train start: every image exists, opens and has the size the JSON says
 
 
 @dataclass
@@ -217,6 +222,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation in (int, float):
+        value = _parse_number(value)
     if annotation is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
@@ -229,6 +236,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return ""
         return str(value)
+    return value
+
+
+# YAML 1.1 reads a number in scientific notation without a dot (`1e-3`, `5e2`) as a string
+_SCIENTIFIC = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
+def _parse_number(value: Any) -> Any:
+    """`"1e-3"` -> 0.001; any other value is returned as it is (and judged by the caller)."""
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
     return value
 
 
@@ -289,7 +307,8 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(preset_or_path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """A full Config from a preset name or a YAML file, then `overrides` (a list of 'a.b=v' or a nested dict).
 
-    A YAML file may name a preset under `model.preset`; its values are applied on top of that preset.
+    A YAML file may name a preset under `model.preset`; its values are applied on top of that preset. The
+    result is checked by `validate`, so a value out of range fails here, before any work starts.
     """
     from .models.presets import TRAIN_PRESETS, preset_config
 
@@ -309,9 +328,150 @@ def load_config(preset_or_path: str | Path | None = None, overrides: list[str] |
     if preset:
         cfg = dataclasses.replace(cfg, model=preset_config(preset))
         cfg = update(cfg, {"train": TRAIN_PRESETS.get(preset, {})})
-    cfg = update(cfg, data)
-    return update(cfg, extra)
+    cfg = update(update(cfg, data), extra)
+    validate(cfg)
+    return cfg
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     return update(ModelConfig(), values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# value checks: every range and every choice, in one place
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low, high):
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+def _one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+_PROBABILITY = _within(0, 1)
+_IOU = (lambda v: 0 < v <= 1), "in (0, 1]"
+_COUNT = _at_least(1)
+_SIZE = _at_least(0)
+_LOSS_BBOX = _one_of("l1", "smooth_l1")
+RESNET_DEPTHS = (18, 34, 50, 101, 152)  # cascadevision.models.backbone.ARCH
+EFFICIENTVIT_TYPES = tuple(f"efficientvit_m{i}" for i in range(6))  # cascadevision.models.efficientvit
+
+# per section: field -> (holds(value), what it must be); a tuple field's rule applies to each of its values
+_RULES: dict[type, dict[str, tuple]] = {
+    InputConfig: {"scale": _COUNT, "std": _above(0), "size_divisor": _COUNT},
+    BackboneConfig: {"type": _one_of("resnet", *EFFICIENTVIT_TYPES), "base_channels": _COUNT,
+                     "frozen_stages": _within(-1, 4), "out_indices": _within(0, 4)},
+    NeckConfig: {"out_channels": _COUNT, "num_outs": _COUNT},
+    RPNConfig: {"feat_channels": _COUNT, "anchor_scales": _above(0), "anchor_ratios": _above(0),
+                "anchor_strides": _COUNT, "pos_iou": _IOU, "neg_iou": _PROBABILITY, "min_pos_iou": _PROBABILITY,
+                "num_samples": _COUNT, "pos_fraction": _PROBABILITY, "loss_bbox": _LOSS_BBOX,
+                "smooth_l1_beta": _above(0), "nms_iou": _IOU, "train_pre_nms": _COUNT, "train_post_nms": _COUNT,
+                "test_pre_nms": _COUNT, "test_post_nms": _COUNT, "min_box_size": _SIZE},
+    EarlyExitConfig: {"policy": _one_of("none", "max_prob", "entropy", "margin"), "threshold": _PROBABILITY,
+                      "background_threshold": _PROBABILITY, "prune_threshold": _PROBABILITY,
+                      "time_budget_ms": _SIZE},
+    RoIHeadConfig: {"type": _one_of("standard", "cascade", "htc"), "num_stages": _COUNT, "iou_thresholds": _IOU,
+                    "stage_loss_weights": _at_least(0), "bbox_stds": _above(0), "num_samples": _COUNT,
+                    "pos_fraction": _PROBABILITY, "finest_scale": _COUNT, "roi_size": _COUNT, "num_fcs": _SIZE,
+                    "fc_channels": _COUNT, "loss_bbox": _LOSS_BBOX, "smooth_l1_beta": _above(0),
+                    "mask_roi_size": _COUNT, "mask_num_convs": _SIZE, "mask_conv_channels": _COUNT,
+                    "mask_size": _COUNT, "score_thr": _PROBABILITY, "nms_iou": _IOU, "max_per_img": _COUNT,
+                    "mask_thr": _PROBABILITY, "semantic_num_classes": _COUNT, "semantic_loss_weight": _at_least(0),
+                    "semantic_fusion_level": _SIZE, "mask_ensemble": _one_of("mean", "last"),
+                    "mask_output": _one_of("full", "probs")},
+    ModelConfig: {"num_classes": _COUNT},
+    DataConfig: {"batch_size": _COUNT, "num_workers": _SIZE, "flip_prob": _PROBABILITY, "min_size": _SIZE},
+    TrainConfig: {"epochs": _SIZE, "max_iters": _SIZE, "optimizer": _one_of("sgd", "adamw"), "lr": _above(0),
+                  "momentum": _PROBABILITY, "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                  "weight_decay": _SIZE, "warmup_iters": _SIZE, "warmup_ratio": _PROBABILITY,
+                  "lr_schedule": _one_of("step", "cosine"), "lr_steps": _SIZE, "lr_gamma": _above(0),
+                  "min_lr_ratio": _PROBABILITY, "grad_clip": _SIZE, "checkpoint_interval": _SIZE,
+                  "keep_checkpoints": _SIZE, "log_interval": _SIZE,
+                  "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                             "auto, cpu, cuda or cuda:N")},
+}
+
+
+def _check_backbone(cfg: BackboneConfig, prefix: str) -> None:
+    if cfg.type == "resnet":
+        if cfg.depth not in RESNET_DEPTHS:
+            raise ConfigError(f"{prefix}depth must be one of {', '.join(map(str, RESNET_DEPTHS))} for a ResNet, "
+                              f"got {cfg.depth}")
+        if not set(cfg.out_indices) <= {0, 1, 2, 3}:
+            raise ConfigError(f"{prefix}out_indices must be stages 0..3 for a ResNet, got {list(cfg.out_indices)}")
+
+
+def _check_rpn(cfg: RPNConfig, prefix: str) -> None:
+    if cfg.neg_iou > cfg.pos_iou:
+        raise ConfigError(f"{prefix}neg_iou ({cfg.neg_iou}) must not exceed {prefix}pos_iou ({cfg.pos_iou})")
+
+
+def _check_roi_head(cfg: RoIHeadConfig, prefix: str) -> None:
+    for name in ("iou_thresholds", "stage_loss_weights", "bbox_stds"):
+        if len(getattr(cfg, name)) != cfg.num_stages:
+            raise ConfigError(f"{prefix}{name} needs {cfg.num_stages} entries (one per stage, "
+                              f"{prefix}num_stages), got {len(getattr(cfg, name))}")
+
+
+def _check_model(cfg: ModelConfig, prefix: str) -> None:
+    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
+        raise ConfigError(f"{prefix}class_names has {len(cfg.class_names)} names but {prefix}num_classes is "
+                          f"{cfg.num_classes}")
+    if len(cfg.rpn.anchor_strides) != cfg.neck.num_outs:
+        raise ConfigError(f"{prefix}rpn.anchor_strides has {len(cfg.rpn.anchor_strides)} levels but "
+                          f"{prefix}neck.num_outs is {cfg.neck.num_outs}")
+    if cfg.roi_head.with_semantic and cfg.roi_head.semantic_fusion_level >= cfg.neck.num_outs:
+        raise ConfigError(f"{prefix}roi_head.semantic_fusion_level must be a neck level below "
+                          f"{prefix}neck.num_outs ({cfg.neck.num_outs}), got {cfg.roi_head.semantic_fusion_level}")
+
+
+def _check_train(cfg: TrainConfig, prefix: str) -> None:
+    if cfg.max_iters <= 0 and cfg.epochs <= 0:
+        raise ConfigError(f"training needs {prefix}max_iters > 0 or {prefix}epochs > 0, "
+                          f"got {cfg.max_iters} and {cfg.epochs}")
+
+
+_CHECKS = {BackboneConfig: _check_backbone, RPNConfig: _check_rpn, RoIHeadConfig: _check_roi_head,
+           ModelConfig: _check_model, TrainConfig: _check_train}
+
+
+def _values(value: Any) -> list:
+    """The scalars of a field: the value itself, or every value of a (nested) tuple."""
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _values(item)]
+    return [value]
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Raise a one-line ConfigError naming the key of the first value out of range, unknown choice or
+    inconsistency between keys; return None if the config is fine.
+
+    Takes a whole `Config` or any section of it, or another config made of these sections (the segmentation
+    config): `prefix` is the section's place, e.g. `validate(model_cfg, "model.")`. Every float must be finite.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        shown = list(value) if isinstance(value, tuple) else value
+        scalars = _values(value)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in scalars):
+            raise ConfigError(f"{key} must be a finite number, got {shown!r}")
+        rule = _RULES.get(type(cfg), {}).get(f.name)
+        if rule and not all(rule[0](v) for v in scalars):
+            each = " (each value)" if isinstance(value, tuple) else ""
+            raise ConfigError(f"{key}{each} must be {rule[1]}, got {shown!r}")
+    check = _CHECKS.get(type(cfg))
+    if check:
+        check(cfg, prefix)

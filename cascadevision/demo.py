@@ -16,7 +16,7 @@ DEMO_SIZE = 256
 DEMO_ITERS = 460
 
 
-def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
+def demo_config(data_dir: Path, preset: str, max_iters: int, seed: int = 0) -> Config:
     """The small CPU preset at half width, trained from scratch on the synthetic dataset at its native size.
 
     Half-width ResNet-18, 64-channel FPN and mask convs, 96 sampled RoIs per image: several times fewer
@@ -44,13 +44,14 @@ def demo_config(data_dir: Path, preset: str, max_iters: int) -> Config:
         "train": {
             "max_iters": max_iters, "optimizer": "adamw", "lr": 1.5e-3, "weight_decay": 0.05,
             "lr_schedule": "cosine", "warmup_iters": min(50, max_iters // 4),
-            "checkpoint_interval": max(max_iters // 3, 1), "log_interval": 10, "grad_clip": 10.0,
+            "checkpoint_interval": max(max_iters // 3, 1), "log_interval": 10, "grad_clip": 10.0, "seed": seed,
         },
     })
 
 
 def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max_iters: int | None = None,
-             preset: str = "htc_r18_fpn", baseline: str | None = "mask_rcnn_r18_fpn", progress: bool = True) -> dict:
+             preset: str = "htc_r18_fpn", baseline: str | None = "mask_rcnn_r18_fpn", progress: bool = True,
+             seed: int = 0) -> dict:
     """Train `preset` (HTC with its semantic branch on the synthetic label maps) and, on the same budget,
     `baseline`; evaluate both, draw the main model's predictions, print the AP table and the files."""
     from .cli import format_metrics
@@ -67,15 +68,15 @@ def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max
     num_semantic = len(json.loads(Path(paths["semantic_classes"]).read_text()))
     results = {}
     for step, name in enumerate(models, start=2):
-        cfg = demo_config(data_dir, name, max_iters or DEMO_ITERS)
+        cfg = demo_config(data_dir, name, max_iters or DEMO_ITERS, seed)
         if cfg.model.roi_head.with_semantic:
             cfg = update(cfg, {"data": {"train_semantic": paths["train_semantic"]},
                                "model": {"roi_head": {"semantic_num_classes": num_semantic}}})
         run_dir = out / name
         print(f"[{step}/{steps}] training {name} for {cfg.train.max_iters} iterations -> {run_dir}")
         began = time.time()
-        metrics = run_training(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest.pth").exists(),
-                               progress=progress)
+        resume = (run_dir / "checkpoints" / "latest.pth").exists()  # a demo run again continues its runs
+        metrics = run_training(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress)
         results[name] = {"bbox": metrics.get("bbox", {}), "segm": metrics.get("segm", {}),
                          "minutes": round((time.time() - began) / 60, 2), "run_dir": str(run_dir)}
     print(f"[{steps - 1}/{steps}] evaluation on the validation split (same data, seed and iterations)")

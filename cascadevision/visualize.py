@@ -4,11 +4,14 @@ from __future__ import annotations
 import colorsys
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_util
+
+from .ops import iter_pasted_masks
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -23,9 +26,11 @@ def draw_predictions(image, prediction: dict, class_names: Sequence[str] | None 
     """The detections of `prediction` scoring >= `score_thr`, drawn on a copy of `image`.
 
     `image`: a uint8 tensor (3, H, W), a float tensor (3, H, W) in [0, 1], or a PIL image. `prediction`: a model
-    output dict (`boxes`, `labels`, `scores`, optional `masks` (N, H, W)). Masks are filled translucently and
-    outlined; boxes get a "name 0.93" tag on a patch of the class colour, with black or white text, whichever
-    reads better on that colour. Higher scores are drawn on top.
+    output dict (`boxes`, `labels`, `scores`, optional `masks` (N, H, W), or `mask_probs` (N, h, w) with
+    `mask_thr` from a model with `mask_output="probs"`, pasted here a chunk at a time and held as RLE, so a big
+    photo needs no (N, H, W) tensor). Masks are filled translucently and outlined; boxes get a "name 0.93" tag on a patch of
+    the class colour, with black or white text, whichever reads better on that colour. Higher scores are drawn
+    on top.
     """
     canvas = _to_rgb_array(image)  # (H, W, 3) uint8
     height, width = canvas.shape[:2]
@@ -38,11 +43,9 @@ def draw_predictions(image, prediction: dict, class_names: Sequence[str] | None 
     colors = [class_color(label) for label in labels]
     line_width = max(1, round(min(height, width) / 400))
 
-    if "masks" in prediction and keep.numel():
-        masks = prediction["masks"].detach().cpu()[keep]
-        masks = (masks if masks.dtype == torch.bool else masks >= 0.5).numpy()
+    if ("masks" in prediction or "mask_probs" in prediction) and keep.numel():
         blended = canvas.astype(np.float32)
-        for mask, color in zip(masks, colors):
+        for mask, color in zip(_masks_in_order(prediction, keep, (height, width)), colors):
             blended[mask] = blended[mask] * (1.0 - mask_alpha) + np.asarray(color, np.float32) * mask_alpha
             blended[mask & ~_erode(mask, line_width)] = color
         canvas = blended.round().astype(np.uint8)
@@ -106,6 +109,30 @@ def _to_rgb_array(image) -> np.ndarray:
             image = (image.clamp(0, 1) * 255).round()
         return image.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     raise TypeError(f"image must be a PIL image or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def _masks_in_order(prediction: dict, keep: torch.Tensor, image_size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The (H, W) bool masks of detections `keep`, one at a time in that order, from `masks` or `mask_probs`."""
+    if "masks" in prediction:
+        masks = prediction["masks"].detach().cpu()
+        for index in keep.tolist():
+            yield (masks[index] if masks.dtype == torch.bool else masks[index] >= 0.5).numpy()
+        return
+    # Paste all N as the model's full output does (iter_pasted_masks gives the very same pixels only for the
+    # same N boxes), keep the kept ones as compressed RLE, then decode them one at a time in drawing order.
+    size = tuple(prediction.get("image_size", image_size))
+    if size != tuple(image_size):
+        raise ValueError(f"the prediction's masks are for a {size[0]}x{size[1]} image, but the image is "
+                         f"{image_size[0]}x{image_size[1]}")
+    place = {index: k for k, index in enumerate(keep.tolist())}
+    rles: list = [None] * len(place)
+    for indices, chunk in iter_pasted_masks(prediction["mask_probs"].detach(), prediction["boxes"].detach(), size,
+                                            prediction.get("mask_thr", 0.5)):
+        for index, mask in zip(indices.tolist(), chunk.cpu()):
+            if index in place:
+                rles[place[index]] = mask_util.encode(np.asfortranarray(mask.numpy()[:, :, None].view(np.uint8)))[0]
+    for rle in rles:
+        yield mask_util.decode(rle).view(bool)  # (H, W)
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:

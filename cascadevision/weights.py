@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import model_config_from_dict, update
-from .engine.checkpoint import load_checkpoint, save_checkpoint
+from .engine.checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
 from .errors import CheckpointError
 from .hub import resolve
 
@@ -120,11 +120,10 @@ def model_from_checkpoint(path: str | Path, **overrides):
     if overrides:
         model_cfg = update(model_cfg, overrides)
     model = build_from_config(model_cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[1:2]
-        raise CheckpointError(f"{path}: weights do not match the model in its own config ({' '.join(first).strip()})") from None
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{path}: weights do not match the model in its own config{' with the overrides' if overrides else ''}: {mismatch}")
+    model.load_state_dict(state, strict=True)
     return model, meta
 
 

@@ -1,4 +1,6 @@
 """Datasets, transforms and samplers: COCO-format instance segmentation data in, `(image, target)` pairs out."""
+from .check import check_dataset, format_problems
+from .classes import ClassMapping, match_classes
 from .coco import CocoDataset
 from .image import load_image
 from .sampler import AspectRatioBatchSampler
@@ -7,12 +9,16 @@ from .transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, col
 
 __all__ = [
     "AspectRatioBatchSampler",
+    "ClassMapping",
     "CocoDataset",
     "Compose",
     "RandomHorizontalFlip",
     "RandomResize",
     "Resize",
     "collate",
+    "check_dataset",
+    "format_problems",
     "generate_synthetic",
     "load_image",
+    "match_classes",
 ]

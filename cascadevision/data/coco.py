@@ -118,10 +118,16 @@ class CocoDataset(torch.utils.data.Dataset):
 
         if filter_empty is None:
             filter_empty = train
+        self.num_images_in_file = len(records)
+        self.dropped: dict[str, int] = {}  # why images of the file are not in the dataset -> how many
         if train and filter_empty:
-            records = [r for r in records if r.instances]
+            kept = [r for r in records if r.instances]
+            self.dropped["no usable annotations (data.filter_empty)"] = len(records) - len(kept)
+            records = kept
         if train and min_size > 0:
-            records = [r for r in records if min(r.width, r.height) >= min_size]
+            kept = [r for r in records if min(r.width, r.height) >= min_size]
+            self.dropped[f"shorter side below {min_size} px (data.min_size)"] = len(records) - len(kept)
+            records = kept
         self._records = records
         self.image_ids: list[int] = [r.image_id for r in records]
         self.aspect_ratios: list[float] = [r.width / r.height for r in records]

@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..outputs import ensure_writable_dir
+
 # (COCO category id, name); ids are deliberately not contiguous. Contiguous label = position in this list.
 THING_CLASSES: list[tuple[int, str]] = [(1, "circle"), (2, "rectangle"), (3, "triangle"), (5, "ring"), (7, "star")]
 STUFF_CLASSES: list[str] = ["noise", "gradient", "stripes", "checker"]
@@ -48,7 +50,7 @@ def generate_synthetic(out_dir: str | os.PathLike, num_images: int = 200, size: 
     Images 0..n_train-1 form the train split, the last round(num_images * val_fraction) the val split. Image ids
     are index + 1; annotation ids run from 1 over both splits.
     """
-    root = Path(out_dir)
+    root = ensure_writable_dir(out_dir, "dataset directory")
     num_val = int(round(num_images * val_fraction))
     splits = {"train": range(0, num_images - num_val), "val": range(num_images - num_val, num_images)}
     paths = {"root": str(root), "semantic_classes": str(root / "semantic_classes.json")}

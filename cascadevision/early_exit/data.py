@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, DatasetError
+from ..ops import standard_strides
 from .config import ExitDataConfig
 
 DATASETS = ("digits", "digits_hard")
@@ -100,5 +101,5 @@ def load_digits_splits(cfg: ExitDataConfig | None = None) -> dict[str, DigitsSpl
         if cfg.image_size != SOURCE_SIZE:
             split_images = F.interpolate(split_images, size=(cfg.image_size, cfg.image_size), mode="bilinear",
                                          align_corners=False)
-        splits[name] = DigitsSplit(split_images.contiguous(), labels[idx], idx)
+        splits[name] = DigitsSplit(standard_strides(split_images), labels[idx], idx)
     return splits

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, TrainingError
+from ..ops import standard_strides
 from .config import ExitTrainConfig
 from .models import MultiExitModel
 from .policies import ExitGate
@@ -95,7 +96,9 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     dy, dx = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator))
     rows = (torch.arange(h)[None, :] + dy[:, None])[:, :, None]  # (N, H, 1)
     cols = (torch.arange(w)[None, :] + dx[:, None])[:, None, :]  # (N, 1, W)
-    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifted = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (N, H, W, C)
+    # not .contiguous(): for C = 1 the permuted view already counts as contiguous, with odd strides (see ops.layout)
+    return standard_strides(shifted.permute(0, 3, 1, 2))
 
 
 def train_multi_exit(model: MultiExitModel, images: Tensor, labels: Tensor, cfg: ExitTrainConfig,

@@ -173,3 +173,20 @@ def _load_safetensors(path: Path, map_location: Any) -> dict:
         except json.JSONDecodeError:
             raise CheckpointError(f"{path}: the '{_SAFETENSORS_META_KEY}' metadata is not valid JSON") from None
     return state
+
+
+def state_dict_mismatch(expected: dict, found: dict, limit: int = 3) -> str:
+    """'' when `found` has exactly `expected`'s keys and shapes, else the first differences in one line:
+    keys the model needs that the file lacks, keys the file has that the model lacks, and shape differences."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} in the file vs {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in found and hasattr(found[k], "shape")
+              and tuple(found[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing from the file", missing), ("not in the model", unexpected),
+                         ("shape differs", shapes)):
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)

@@ -16,6 +16,8 @@ started: each sample is loaded with RNGs seeded from (seed, epoch, index), see `
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import math
@@ -37,7 +39,10 @@ from tqdm import tqdm
 from ..config import Config, TrainConfig, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingError
 from . import distributed as dist_utils
-from .checkpoint import atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint,
+                         state_dict_mismatch)
+from .evaluator import evaluate
+from .rundir import RunLock, check_run_dir, prepare_run_dir, remove_leftovers
 
 _SMOOTHING_WINDOW = 20  # iterations averaged for the progress bar
 
@@ -114,24 +119,28 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
 
 
 def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Path, *, val_dataset=None,
-          resume: bool | str | Path = False, progress: bool = True, find_unused_parameters: bool = False,
-          evaluate_fn=None) -> dict:
+          resume: bool | str | Path = False, overwrite: bool = False, progress: bool = True,
+          find_unused_parameters: bool = False, evaluate_fn=None, val_cat_ids=None) -> dict:
     """Train `model` on `train_dataset` as `cfg.train` says; returns the last logged metrics (+ eval metrics).
 
     The same call works in one process and under `torchrun --nproc_per_node N` (one process per device,
     `cfg.data.batch_size` images per process). `resume=True` continues from `out_dir/checkpoints/latest.pth`,
-    a path continues from that checkpoint. A non-finite loss raises TrainingError.
+    a path continues from that checkpoint. A directory that already holds something is refused unless
+    `resume` or `overwrite` (see `rundir`). A non-finite loss raises TrainingError.
     `evaluate_fn(model, val_dataset, *, out_dir, device, progress, num_workers) -> dict` scores the model on
-    `val_dataset` at the end (default: COCO `evaluator.evaluate`).
+    `val_dataset` at the end (default: COCO `evaluator.evaluate` with `cat_ids=val_cat_ids`, the val set's
+    category id for each model label, see `data.match_classes`).
     """
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     created_group = not torch.distributed.is_initialized()
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size, _ = dist_utils.init_distributed("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        return _Trainer(cfg, model, train_dataset, Path(out_dir), device, rank, world_size,
-                        find_unused_parameters).run(val_dataset, resume, progress, evaluate_fn)
+        trainer = _Trainer(cfg, model, train_dataset, Path(out_dir), device, rank, world_size,
+                           find_unused_parameters)
+        return trainer.run(val_dataset, resume, overwrite, progress, evaluate_fn, val_cat_ids)
     finally:
         if created_group:
             dist_utils.cleanup()
@@ -176,12 +185,24 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------------------------------
 
-    def run(self, val_dataset, resume: bool | str | Path, progress: bool, evaluate_fn=None) -> dict:
+    def run(self, val_dataset, resume: bool | str | Path, overwrite: bool, progress: bool, evaluate_fn=None,
+            val_cat_ids=None) -> dict:
+        lock = contextlib.nullcontext()
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        if resume:
+            prepare_run_dir(self.out_dir, resume=resume, overwrite=overwrite, log=_note)
+            lock = RunLock(self.out_dir)
+        with lock:
+            if self.is_main:
+                for path in remove_leftovers(self.out_dir):
+                    _note(f"removed {path.name}, left by an interrupted write")
+            return self._run_locked(val_dataset, resume, progress, evaluate_fn, val_cat_ids)
+
+    def _run_locked(self, val_dataset, resume, progress: bool, evaluate_fn, val_cat_ids) -> dict:
+        if resume:  # before anything is written: the checkpoint must fit this model first
             self._resume(self.checkpoint_dir / "latest.pth" if resume is True else Path(resume))
+        if self.is_main:
+            atomic_write(self.out_dir / "config.yaml",
+                         lambda f: f.write(yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode()))
         start = self.iteration
         if self.is_main and self.metrics_path.exists():
             # drop what an earlier run logged after `start`: all of it for a fresh run, the iterations an
@@ -203,7 +224,7 @@ class _Trainer:
                 plot_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png")
         if val_dataset is not None and self.cfg.train.eval_at_end:
             if evaluate_fn is None:
-                from .evaluator import evaluate as evaluate_fn
+                evaluate_fn = functools.partial(evaluate, cat_ids=val_cat_ids)
             metrics = evaluate_fn(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
                                   progress=progress, num_workers=self.cfg.data.num_workers)
             if self.is_main:
@@ -340,7 +361,10 @@ class _Trainer:
         keep = self.cfg.train.keep_checkpoints
         if keep <= 0:
             return
-        numbered = sorted(p for p in self.checkpoint_dir.glob("iter_*.pth") if re.fullmatch(r"iter_\d{7}\.pth", p.name))
+        # only this run's history: checkpoints up to the current iteration (a run resumed from an older
+        # checkpoint leaves the later ones of its first attempt alone; it overwrites them when it gets there)
+        numbered = sorted(p for p in self.checkpoint_dir.glob("iter_*.pth")
+                          if re.fullmatch(r"iter_\d{7}\.pth", p.name) and int(p.name[5:12]) <= self.iteration)
         for old in numbered[:-keep]:
             old.unlink(missing_ok=True)
 
@@ -350,12 +374,17 @@ class _Trainer:
         if missing:
             raise CheckpointError(f"{path}: cannot resume training from it: it has no {', '.join(missing)} "
                                   "(a weights-only file; use it as model.weights instead)")
+        mismatch = state_dict_mismatch(self.model.state_dict(), state["state_dict"])
+        if mismatch:
+            preset = (state["meta"].get("config") or {}).get("model", {}).get("preset", "")
+            written_by = f" (written by a run of '{preset}')" if preset else ""
+            raise CheckpointError(f"{path}: does not fit this model{written_by}: {mismatch}")
         try:
             self.model.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first_line = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: does not fit this model/optimizer: {first_line}") from None
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+            raise CheckpointError(f"{path}: does not fit this model/optimizer: {detail}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ModelConfig, update
+from ..config import ModelConfig, update, validate
 from ..errors import ConfigError
 from .backbone import ResNet
 from .cascade import build_cascade_head
@@ -43,7 +43,7 @@ def build_model(name_or_config: str | ModelConfig | dict, num_classes: int | Non
 
 
 def build_from_config(cfg: ModelConfig) -> TwoStageDetector:
-    _validate(cfg)
+    validate(cfg, "model.")  # every range and choice, one line naming the key
     backbone = build_backbone(cfg.backbone)
     neck = FPN(backbone.out_channels, cfg.neck)
     rpn_head = RPNHead(neck.out_channels, cfg.rpn)
@@ -63,20 +63,3 @@ def build_backbone(cfg):
 
         return EfficientViTBackbone(cfg)
     raise ConfigError(f"model.backbone.type must be 'resnet' or 'efficientvit_m0'..'efficientvit_m5', got '{cfg.type}'")
-
-
-def _validate(cfg: ModelConfig) -> None:
-    if cfg.num_classes < 1:
-        raise ConfigError(f"model.num_classes must be >= 1, got {cfg.num_classes}")
-    if cfg.class_names and len(cfg.class_names) != cfg.num_classes:
-        raise ConfigError(f"model.class_names has {len(cfg.class_names)} names but model.num_classes is {cfg.num_classes}")
-    head = cfg.roi_head
-    if head.type not in ("standard", "cascade", "htc"):
-        raise ConfigError(f"model.roi_head.type must be 'standard', 'cascade' or 'htc', got '{head.type}'")
-    for name in ("iou_thresholds", "stage_loss_weights", "bbox_stds"):
-        if len(getattr(head, name)) != head.num_stages:
-            raise ConfigError(f"model.roi_head.{name} needs {head.num_stages} entries (one per stage), "
-                              f"got {len(getattr(head, name))}")
-    if len(cfg.rpn.anchor_strides) != cfg.neck.num_outs:
-        raise ConfigError(f"model.rpn.anchor_strides has {len(cfg.rpn.anchor_strides)} levels but the neck "
-                          f"outputs {cfg.neck.num_outs}")

@@ -57,9 +57,13 @@ class SemanticHead(nn.Module):
             x = conv(x)
         return self.conv_logits(x), self.conv_embedding(x)  # (B, classes, H/8, W/8), (B, C, H/8, W/8)
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy over the labelled pixels (255 = ignore), labels already at the logits' size."""
-        return F.cross_entropy(logits.float(), labels, ignore_index=255)
+    def loss(self, logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) -> Tensor:
+        """Cross-entropy (255 = ignore), labels already at the logits' size, summed over the labelled pixels and
+        divided by all pixels, ignored and padding included (MMDetection v3's default `avg_non_ignore=False`), or
+        with `avg_non_ignore` by the labelled pixels only (MMDetection v2, torch's mean)."""
+        if avg_non_ignore:
+            return F.cross_entropy(logits.float(), labels, ignore_index=255)
+        return F.cross_entropy(logits.float(), labels, ignore_index=255, reduction="sum") / labels.numel()
 
 
 def semantic_targets(targets: list[dict], image_sizes, padded_size, out_size, num_classes: int) -> Tensor:
@@ -167,7 +171,8 @@ class CascadeRoIHead(nn.Module):
             sem_logits, semantic_feat = self.semantic_head(features)
             padded = tuple(s * 4 for s in features[0].shape[-2:])  # P2 has stride 4
             labels = semantic_targets(targets, image_sizes, padded, sem_logits.shape[-2:], self.semantic_head.num_classes)
-            losses["loss_semantic_seg"] = self.semantic_head.loss(sem_logits, labels) * self.cfg.semantic_loss_weight
+            semantic_loss = self.semantic_head.loss(sem_logits, labels, self.cfg.semantic_loss_avg_non_ignore)
+            losses["loss_semantic_seg"] = semantic_loss * self.cfg.semantic_loss_weight
         for t in range(self.num_stages):
             sampled = sample_rois(proposals, targets, self.assigners[t], self.cfg, self.num_classes)
             rois = boxes_to_rois(sampled.boxes)

@@ -14,7 +14,9 @@ class TwoStageDetector(nn.Module):
 
     train mode: `model(images, targets)` returns a dict of named losses.
     eval mode: `model(images)` returns per image a dict with `boxes` (N,4 x1y1x2y2 in that image's pixels),
-    `labels` (N, 0-based), `scores` (N) and, for mask models, `masks` (N,H,W bool).
+    `labels` (N, 0-based), `scores` (N) and, for mask models, `masks` (N,H,W bool), or with
+    `cfg.roi_head.mask_output = "probs"` instead the unpasted `mask_probs` (N,28,28), `image_size` (H, W) and
+    `mask_thr`, for `ops.iter_pasted_masks` to paste a chunk at a time.
     """
 
     def __init__(self, cfg: ModelConfig, transform: nn.Module, backbone: nn.Module, neck: nn.Module,
@@ -52,4 +54,5 @@ class TwoStageDetector(nn.Module):
         budget_ms = self.cfg.roi_head.early_exit.time_budget_ms
         deadline = start + budget_ms / 1000 if budget_ms > 0 else None
         detections = self.roi_head.predict(features, proposals, image_sizes, deadline=deadline)
-        return self.transform.postprocess(detections, scale_factors, original_sizes, self.cfg.roi_head.mask_thr)
+        return self.transform.postprocess(detections, scale_factors, original_sizes, self.cfg.roi_head.mask_thr,
+                                          self.cfg.roi_head.mask_output)

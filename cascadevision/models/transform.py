@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import InputConfig
+from ..errors import ConfigError
 from ..ops import clip_boxes, paste_masks
 
 
@@ -54,15 +55,24 @@ class DetectionTransform(nn.Module):
         return batch, sizes, factors, targets
 
     @staticmethod
-    def postprocess(detections: list[dict], scale_factors, original_sizes, mask_thr: float) -> list[dict]:
-        """Boxes back to each original image's pixels; mask probabilities pasted and binarised at its size."""
+    def postprocess(detections: list[dict], scale_factors, original_sizes, mask_thr: float,
+                    mask_output: str = "full") -> list[dict]:
+        """Boxes back to each original image's pixels; mask probabilities pasted and binarised at its size.
+
+        mask_output "probs" leaves the pasting to the consumer (`ops.iter_pasted_masks`, a chunk at a time):
+        `mask_probs` (N, h, w), the `image_size` (H, W) to paste them at and `mask_thr`, instead of `masks`.
+        """
+        if mask_output not in ("full", "probs"):
+            raise ConfigError(f"model.roi_head.mask_output must be 'full' or 'probs', got {mask_output!r}")
         results = []
         for det, (sx, sy), size in zip(detections, scale_factors, original_sizes):
             scale = det["boxes"].new_tensor([sx, sy, sx, sy])
             boxes = clip_boxes(det["boxes"] / scale, size)
             out = {"boxes": boxes, "labels": det["labels"], "scores": det["scores"]}
-            if "mask_probs" in det:
-                out["masks"] = paste_masks(det["mask_probs"], boxes, size) >= mask_thr
+            if "mask_probs" in det and mask_output == "probs":
+                out.update(mask_probs=det["mask_probs"], image_size=tuple(size), mask_thr=mask_thr)
+            elif "mask_probs" in det:
+                out["masks"] = paste_masks(det["mask_probs"], boxes, size, threshold=mask_thr)
             results.append(out)
         return results
 

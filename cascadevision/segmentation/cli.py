@@ -28,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="initial weights: a checkpoint or an ImageNet ResNet state dict")
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the run directory's latest checkpoint (or the given one)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, config and logs are removed)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.loss.mutation=true (repeatable)")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = update(cfg, {"data": {k: v for k, v in flags.items() if v}})
         cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
         metrics = run_training(cfg, args.out, resume=args.resume, weights=args.weights,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, overwrite=args.overwrite)
         if "mIoU" in metrics:
             from .metrics import format_scores
             print(format_scores(metrics, title=cfg.model.preset or "class"))

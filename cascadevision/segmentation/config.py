@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import BackboneConfig, TrainConfig, load_yaml, parse_overrides, update
+from ..config import BackboneConfig, TrainConfig, load_yaml, parse_overrides, update, validate
 from ..errors import ConfigError
 from ..models.cascade_decoder import (DecoderConfig, SegInputConfig, SegLossConfig, Segmenter,
                                       build_decoder)
@@ -118,7 +118,9 @@ def load_seg_config(preset_or_path: str | Path | None = None,
     if preset:
         cfg = dataclasses.replace(cfg, model=seg_preset_config(preset))
         cfg = update(cfg, SEG_SCHEDULES.get(preset, {}))
-    return update(update(cfg, data), extra)
+    cfg = update(update(cfg, data), extra)
+    validate(cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------

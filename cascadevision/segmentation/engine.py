@@ -18,6 +18,7 @@ from ..config import update
 from ..engine import distributed as dist_utils
 from ..errors import CheckpointError, ConfigError, DatasetError
 from .config import SegModelConfig, SegmentationConfig, build_segmenter
+from ..engine.rundir import check_run_dir
 from ..pipeline import collect_images
 from .dataset import SegmentationDataset, train_transforms
 from .metrics import ConfusionMatrix, format_scores
@@ -39,11 +40,12 @@ def datasets(cfg: SegmentationConfig) -> tuple[SegmentationDataset, Segmentation
 
 
 def run_training(cfg: SegmentationConfig, out_dir: str | Path, *, resume: bool | str = False, weights: str = "",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict:
     """Build the datasets and the model, load initial weights, train, evaluate on the val split at the end."""
     from ..engine import train
     from ..weights import load_weights
 
+    check_run_dir(out_dir, resume=resume, overwrite=overwrite)
     train_set, val_set = datasets(cfg)
     model_cfg = dataclasses.replace(cfg.model, num_classes=train_set.num_classes,
                                     class_names=tuple(train_set.class_names))
@@ -53,8 +55,8 @@ def run_training(cfg: SegmentationConfig, out_dir: str | Path, *, resume: bool |
     init = weights or model_cfg.weights
     if init and not resume:
         load_weights(model, init)
-    return train(cfg, model, train_set, out_dir, val_dataset=val_set, resume=resume, progress=progress,
-                 evaluate_fn=evaluate)
+    return train(cfg, model, train_set, out_dir, val_dataset=val_set, resume=resume, overwrite=overwrite,
+                 progress=progress, evaluate_fn=evaluate)
 
 
 def evaluate(model: torch.nn.Module, dataset: SegmentationDataset, *, out_dir: str | Path | None = None,
