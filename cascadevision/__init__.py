@@ -8,15 +8,17 @@ __version__ = "0.1.0"
 
 # The public names load on first use, so `import cascadevision` does not import torch: the CLI (or a script)
 # can set up the OpenMP runtime first (`cascadevision.runtime`), which only works before torch is loaded.
-_LAZY = {"Config": ".config", "ModelConfig": ".config", "load_config": ".config", "build_model": ".models",
-         "load_weights": ".weights"}
+# `build_model` is the models floor's builder with the early-exit hook attached (see early_exit/detection.py)
+_LAZY = {"Config": ".config", "ModelConfig": ".config", "load_config": ".presets",
+         "build_model": ".early_exit.detection", "load_weights": ".io.weights"}
 
 __all__ = ["__version__", "Config", "ModelConfig", "build_model", "load_config", "load_weights"]
 
 if TYPE_CHECKING:
-    from .config import Config, ModelConfig, load_config
-    from .models import build_model
-    from .weights import load_weights
+    from .config import Config, ModelConfig
+    from .io.weights import load_weights
+    from .early_exit.detection import build_model
+    from .presets import load_config
 
 
 def __getattr__(name: str):

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 from .config import Config, update
+from .data.synth import generate_synthetic
 from .models.presets import preset_config
+from .tasks.detection import format_metrics, run_prediction, run_training
 
 DEMO_IMAGES = 400
 DEMO_SIZE = 256
@@ -54,10 +56,6 @@ def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max
              seed: int = 0) -> dict:
     """Train `preset` (HTC with its semantic branch on the synthetic label maps) and, on the same budget,
     `baseline`; evaluate both, draw the main model's predictions, print the AP table and the files."""
-    from .cli import format_metrics
-    from .data import generate_synthetic
-    from .pipeline import run_prediction, run_training
-
     out = Path(out)
     start = time.time()
     data_dir = out / "data"

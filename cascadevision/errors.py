@@ -23,6 +23,11 @@ class DatasetError(CascadeVisionError, ValueError):
     """A dataset file is missing, unreadable or malformed: the message names the file and the annotation."""
 
 
+class ModelInputError(CascadeVisionError, ValueError):
+    """The model was handed inputs it cannot use (a target without a map a head needs, a label outside its
+    classes). Datasets are checked in `data/`; this is the model's own last line of defence."""
+
+
 class CheckpointError(CascadeVisionError, ValueError):
     """A checkpoint cannot be read, is unsafe, or does not fit the model."""
 

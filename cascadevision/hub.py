@@ -9,6 +9,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .errors import CheckpointError
 
 
@@ -50,8 +52,6 @@ def resolve(path_or_url: str | Path, *, sha256: str | None = None, progress: boo
 
 
 def _download(url: str, target: Path, progress: bool) -> None:
-    from tqdm import tqdm
-
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
     try:

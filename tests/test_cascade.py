@@ -7,8 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascadevision.errors import DatasetError
-from cascadevision.models.cascade import CascadeRoIHead, exit_decisions
+from cascadevision.config import EarlyExitConfig
+from cascadevision.early_exit.detection import (
+    RegionExitPolicy,
+    exit_policy_for_head,
+    per_roi_macs,
+)
+from cascadevision.errors import ModelInputError
+from cascadevision.models.cascade import CascadeRoIHead
 from cascadevision.models.presets import preset_config
 from cascadevision.ops import multi_scale_roi_align, roi_align
 
@@ -118,7 +124,7 @@ def test_semantic_loss_and_label_range():
     bad = target()
     bad["semantic"][0, 0] = 7  # the head has 4 classes
     bad["file_name"] = "img_7.png"
-    with pytest.raises(DatasetError, match="img_7.png: semantic label 7 is outside"):
+    with pytest.raises(ModelInputError, match="img_7.png: semantic label 7 is outside"):
         head.loss(features(), proposals, [(64, 64)], [bad], [(1.0, 1.0)])
 
 
@@ -162,9 +168,8 @@ def test_cascade_mask_rcnn_is_htc_with_switches_off():
 
 def exit_head(policy="max_prob", threshold=0.9, background=0.0, prune=0.0):
     head = make_head(with_semantic=False, score_thr=0.0)
-    head.cfg = dataclasses.replace(head.cfg, early_exit=dataclasses.replace(
-        head.cfg.early_exit, policy=policy, threshold=threshold, background_threshold=background,
-        prune_threshold=prune))
+    head.exit_policy = exit_policy_for_head(head, EarlyExitConfig(
+        policy=policy, threshold=threshold, background_threshold=background, prune_threshold=prune))
     zero_regression(head)
     for bbox_head in head.bbox_head:
         torch.nn.init.zeros_(bbox_head.fc_cls.weight)
@@ -177,12 +182,12 @@ def test_confident_rois_leave_after_the_first_stage():
     head.bbox_head[1].fc_cls.bias.data.copy_(torch.tensor([0.0, 9, 0, 0]))  # would change the answer
     proposals = [torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 30, 50]])]
     out = head.predict(features(), proposals, [(64, 64)])[0]
-    assert head.exit_counts.rois == [2, 0, 0] and head.exit_counts.exits == [2, 0, 0]
+    assert head.exit_policy.counts.rois == [2, 0, 0] and head.exit_policy.counts.exits == [2, 0, 0]
     top = out["scores"].argmax()
     assert out["labels"][top] == 0
     torch.testing.assert_close(out["scores"][top], torch.tensor([6.0, 0, 0, 0]).softmax(0)[0])
     assert (out["exit_stage"] == 0).all()
-    assert head.exit_counts.masks == [len(out["boxes"]), 0, 0]  # masks from stage 1's head only
+    assert head.exit_policy.counts.masks == [len(out["boxes"]), 0, 0]  # masks from stage 1's head only
 
 
 def test_unconfident_rois_run_every_stage_and_match_the_full_cascade():
@@ -190,7 +195,7 @@ def test_unconfident_rois_run_every_stage_and_match_the_full_cascade():
     full = exit_head(policy="none").predict(features(), proposals, [(64, 64)])[0]
     never = exit_head(threshold=1.01)
     out = never.predict(features(), proposals, [(64, 64)])[0]
-    assert never.exit_counts.rois == [2, 2, 2]
+    assert never.exit_policy.counts.rois == [2, 2, 2]
     for key in ("boxes", "scores", "labels", "mask_probs"):
         torch.testing.assert_close(out[key], full[key])
 
@@ -199,11 +204,12 @@ def test_background_rois_are_dropped_and_deadline_stops_the_cascade():
     head = exit_head(policy="none", background=0.5)
     head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([0.0, 0, 0, 5]))  # P(background) = 0.87
     out = head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])[0]
-    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.dropped == [1, 0, 0]
+    assert head.exit_policy.counts.rois == [1, 0, 0] and head.exit_policy.counts.dropped == [1, 0, 0]
     assert len(out["boxes"]) == 0 and out["mask_probs"].shape == (0, 28, 28)
     head = exit_head(policy="none")
-    head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)], deadline=0.0)  # already past
-    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]
+    head.exit_policy.deadline = 0.0  # already past
+    head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])
+    assert head.exit_policy.counts.rois == [1, 0, 0] and head.exit_policy.counts.exits == [1, 0, 0]
 
 
 def test_pruned_rois_stop_after_the_first_stage_but_are_kept():
@@ -212,17 +218,17 @@ def test_pruned_rois_stop_after_the_first_stage_but_are_kept():
     head.bbox_head[0].fc_cls.bias.data.copy_(torch.tensor([0.0, 0, 0, 2]))
     head.bbox_head[1].fc_cls.bias.data.copy_(torch.tensor([0.0, 9, 0, 0]))
     out = head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])[0]
-    assert head.exit_counts.rois == [1, 0, 0] and head.exit_counts.exits == [1, 0, 0]
-    assert head.exit_counts.dropped == [0, 0, 0]
+    assert head.exit_policy.counts.rois == [1, 0, 0] and head.exit_policy.counts.exits == [1, 0, 0]
+    assert head.exit_policy.counts.dropped == [0, 0, 0]
     expected = 1 / (3 + math.exp(2))
     torch.testing.assert_close(out["scores"], torch.full((3,), expected))  # every class of the one RoI
-    assert (out["exit_stage"] == 0).all() and head.exit_counts.masks == [3, 0, 0]
+    assert (out["exit_stage"] == 0).all() and head.exit_policy.counts.masks == [3, 0, 0]
     # a RoI above the prune threshold keeps going; background dropping wins over pruning
-    head.cfg = dataclasses.replace(head.cfg, early_exit=dataclasses.replace(head.cfg.early_exit, prune_threshold=0.05))
+    head.exit_policy = exit_policy_for_head(head, dataclasses.replace(head.exit_policy.cfg, prune_threshold=0.05))
     head.predict(features(), [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])
-    assert head.exit_counts.rois == [1, 1, 1]
+    assert head.exit_policy.counts.rois == [1, 1, 1]
     probs = torch.tensor([[0.05, 0.05, 0.0, 0.9], [0.5, 0.1, 0.1, 0.3]])
-    leave, drop = exit_decisions(probs, dataclasses.replace(head.cfg.early_exit, background_threshold=0.8))
+    leave, drop = RegionExitPolicy(dataclasses.replace(head.exit_policy.cfg, background_threshold=0.8), 3)(0, probs)
     assert leave.tolist() == [False, False] and drop.tolist() == [True, False]
 
 
@@ -232,7 +238,7 @@ def test_exit_summary_counts_roi_head_compute():
     head.reset_exit_stats()
     head.predict(features(), [torch.tensor([[0.0, 0, 40, 40], [10.0, 10, 30, 50]])], [(64, 64)])
     summary = head.exit_summary()
-    box, mask = head.per_roi_macs()
+    box, mask = per_roi_macs(head)
     # box head: two FCs (8*7*7 -> 16 -> 16) plus cls (16 -> 4) and reg (16 -> 4) per RoI
     assert box == [8 * 49 * 16 + 16 * 16 + 16 * 4 + 16 * 4] * 3
     dets = sum(summary["masks"])

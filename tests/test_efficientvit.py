@@ -14,7 +14,8 @@ from cascadevision.macs import count_macs
 from cascadevision.models.classifier import count_parameters
 from cascadevision.models.efficientvit import (
     EFFICIENTVIT_CONFIGS, BN_Linear, CascadedGroupAttention, Conv2d_BN, EfficientViTBackbone, EfficientViTBlock,
-    FFN, LocalWindowAttention, PatchMerging, Residual, build_efficientvit, fuse_bn, load_efficientvit_weights)
+    FFN, LocalWindowAttention, PatchMerging, Residual, build_efficientvit, fuse_bn)
+from cascadevision.io.pretrained import load_efficientvit_weights
 
 # published: parameters in M (BN unfused, head included) and MACs in M at 224x224 ("FLOPs" in the paper/README)
 PUBLISHED_PARAMS_M = {"m0": 2.35, "m1": 2.98, "m2": 4.19, "m3": 6.90, "m4": 8.80, "m5": 12.47}

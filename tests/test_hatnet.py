@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cascadevision.errors import CheckpointError
 from cascadevision.models.classifier import count_parameters
-from cascadevision.models.hatnet import HATNET_CONFIGS, HMHSA, build_hatnet, load_hatnet_weights
+from cascadevision.io.pretrained import load_hatnet_weights
+from cascadevision.models.hatnet import HATNET_CONFIGS, HMHSA, build_hatnet
 
 PUBLISHED_PARAMS_M = {"tiny": 12.66, "small": 25.75, "medium": 42.94, "large": 63.13}  # README: 12.7/25.7/42.9/63.1
 PUBLISHED_GFLOPS = {"tiny": 2.0, "small": 4.3, "medium": 8.3, "large": 11.5}

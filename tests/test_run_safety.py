@@ -271,3 +271,35 @@ def test_an_error_in_a_loader_worker_keeps_its_one_line_message():
     with pytest.raises(DatasetError) as info:
         next(iter(loader))
     assert str(info.value) == "images/0001.jpg: cannot decode image (truncated)"
+
+
+def test_check_data_lists_every_problem_and_exits_1(dataset, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((dataset / "images/train").iterdir()):
+        (images / source.name).write_bytes(source.read_bytes())
+    names = sorted(p.name for p in images.iterdir())
+    (images / names[0]).unlink()                                          # missing
+    (images / names[1]).write_bytes((images / names[1]).read_bytes()[:60])  # truncated
+    ann = str(dataset / "annotations/instances_train.json")
+    assert main(["check-data", ann, str(images)]) == 1
+    out = capsys.readouterr().out
+    assert names[0] in out and names[1] in out
+    assert main(["check-data", ann, str(dataset / "images/train")]) == 0
+
+
+def test_eval_of_a_cascade_checkpoint_with_and_without_early_exit(dataset, tmp_path, capsys):
+    cfg = update(Config(model=preset_config("cascade_mask_rcnn_r18_fpn")),
+                 {"model": dict(TINY_MODEL, num_classes=5, class_names=SHAPES[0])})
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model)
+    ckpt = tmp_path / "cascade.pth"
+    save_checkpoint(ckpt, {"state_dict": model.state_dict(),
+                           "meta": {"config": to_dict(cfg), "class_names": SHAPES[0], "cat_ids": SHAPES[1]}})
+    args = ["eval", str(ckpt), "--ann", str(dataset / "annotations/instances_val.json"),
+            "--images", str(dataset / "images/val"), "--no-progress", "--set", "model.roi_head.score_thr=0.0"]
+    assert main(args) == 0
+    assert "RoI-head compute" not in capsys.readouterr().out  # no exit table unless asked for
+    assert main(args + ["--early-exit", "max_prob", "--exit-threshold", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "| bbox" in out and "RoI-head compute" in out

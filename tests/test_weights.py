@@ -155,3 +155,43 @@ def test_efficientvit_classifier_weights_load_into_detector_backbone(tmp_path):
     assert torch.equal(own[key], classifier.state_dict()[key])
     with pytest.raises(CheckpointError, match="EfficientViT weights, but the model's backbone is ResNet"):
         load_weights(small(), path)
+
+
+# MMDetection's own checkpoint layout, from the key lists of its model-zoo files (tests/data/*_keys.txt):
+# load_weights must put each of the file's tensors where MMDetection's name says, not where a round trip of
+# our own state_dict would.
+from test_models import read_keys  # noqa: E402
+
+
+def mmdetection_file(path, keys_file, classes=None):
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=generator) if shape else torch.tensor(3)
+             for name, shape in read_keys(keys_file).items()}
+    meta = {"mmdet_version": "2.0.0", "CLASSES": list(classes or [f"c{i}" for i in range(80)])}
+    torch.save({"meta": meta, "state_dict": state, "optimizer": {}}, path)
+    return state
+
+
+@pytest.mark.parametrize("preset,keys_file", [("htc_r50_fpn_1x", "htc_r50_keys.txt"),
+                                              ("mask_rcnn_r50_fpn_1x", "mask_rcnn_r50_keys.txt")])
+def test_mmdetection_key_names_load_into_the_same_named_tensors(tmp_path, preset, keys_file):
+    state = mmdetection_file(tmp_path / "zoo.pth", keys_file)
+    model = build_model(preset, num_classes=80)
+    report = load_weights(model, tmp_path / "zoo.pth")
+    assert report["missing"] == [] and report["unexpected"] == [] and report["reinitialised"] == []
+    ours = model.state_dict()
+    for name, tensor in state.items():
+        assert torch.equal(ours[name].to(tensor.dtype), tensor), name
+
+
+def test_mmdetection_coco_weights_fine_tune_to_three_classes(tmp_path):
+    state = mmdetection_file(tmp_path / "zoo.pth", "mask_rcnn_r50_keys.txt")
+    model = build_model("mask_rcnn_r50_fpn_1x", num_classes=3)
+    report = load_weights(model, tmp_path / "zoo.pth")
+    # the class-dependent layers of MMDetection's Mask R-CNN: 81-way classifier, 80x4 box regression, 80 masks
+    assert sorted(report["reinitialised"]) == sorted(
+        f"roi_head.{layer}.{p}" for layer in ("bbox_head.fc_cls", "bbox_head.fc_reg", "mask_head.conv_logits")
+        for p in ("weight", "bias"))
+    ours = model.state_dict()
+    assert tuple(ours["roi_head.bbox_head.fc_cls.weight"].shape) == (4, 1024)
+    assert torch.equal(ours["roi_head.mask_head.convs.3.conv.weight"], state["roi_head.mask_head.convs.3.conv.weight"])

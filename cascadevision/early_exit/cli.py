@@ -16,13 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
+from ..commands import add_set
+from ..config import parse_overrides, update
+from ..errors import ConfigError
 from .policies import POLICY_KINDS
-from .presets import DEFAULT_PRESET, preset_names
+from .pipeline import (bench_run, calibrate_run, evaluate_anytime, evaluate_run, format_bench, load_calibration,
+                       load_run, policy_from_calibration, set_threads, train_run)
+from .presets import DEFAULT_PRESET, exits_config, preset_names
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set policy.threshold=0.9 (repeatable)")
+    add_set(p, "policy.threshold=0.9")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,15 +71,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(items: list[str]) -> dict:
-    from ..config import parse_overrides
-    return parse_overrides(items)
-
-
 def _policy(run, args):
     """The policy of a command: a thresholds file, else --policy, else the checkpoint's; and its calibration."""
-    from ..config import update
-    from .pipeline import load_calibration, policy_from_calibration
 
     if getattr(args, "thresholds", None):
         calibration = load_calibration(args.thresholds)
@@ -86,13 +83,9 @@ def _policy(run, args):
 
 def run(args) -> int:
     """Dispatch `cascadevision exits <command>`; returns the exit status."""
-    from .pipeline import bench_run, calibrate_run, evaluate_run, format_bench, load_run, set_threads, train_run
-
     command = args.exits_command
     if command == "train":
-        from .presets import exits_config
-
-        overrides = _overrides(args.overrides)
+        overrides = parse_overrides(args.overrides)
         if args.dataset:
             overrides.setdefault("data", {}).setdefault("dataset", args.dataset)
         cfg = exits_config(args.preset, overrides)
@@ -100,11 +93,9 @@ def run(args) -> int:
         print(f"wrote {Path(args.out) / 'model.pth'}")
         return 0
 
-    run_ = load_run(args.checkpoint, _overrides(args.overrides))
+    run_ = load_run(args.checkpoint, parse_overrides(args.overrides))
     set_threads(run_.cfg.train.threads)
     if command == "calibrate":
-        from ..config import update
-
         policy_cfg = run_.cfg.policy if not args.policy else update(run_.cfg.policy, {"kind": args.policy})
         _, calibration = calibrate_run(run_, policy_cfg, target_accuracy=args.target_accuracy,
                                        max_drop=args.max_drop, budget_fraction=args.budget)
@@ -124,11 +115,8 @@ def run(args) -> int:
     if command == "evaluate":
         out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
         if run_.cfg.run.mode not in ("compact", "simulate", "anytime"):
-            from ..errors import ConfigError
             raise ConfigError(f"run.mode must be compact, simulate or anytime, got {run_.cfg.run.mode!r}")
         if run_.cfg.run.mode == "anytime":
-            from .pipeline import evaluate_anytime
-
             report = evaluate_anytime(run_, run_.cfg.run.budget_ms, run_.cfg.run.anytime_answer, args.split, out)
             print(report["table"])
             print(f"wrote {out / 'table.md'}, {out / 'stats.json'}")

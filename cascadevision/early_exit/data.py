@@ -40,7 +40,7 @@ class DigitsSplit:
 
 def _load_sklearn_digits() -> tuple[Tensor, Tensor]:
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy on purpose: scikit-learn is an optional dependency
     except ImportError:
         raise DatasetError("the digits dataset comes with scikit-learn: pip install scikit-learn") from None
     digits = load_digits()

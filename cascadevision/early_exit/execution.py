@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError
 from .models import MultiExitModel, select
 from .policies import ExitPolicy, decide_exits, exit_decision
 
@@ -149,7 +150,6 @@ def anytime(model: MultiExitModel, x: Tensor, budget_ms: float, answer: str = "c
     Inject `clock` to make the budget deterministic (tests).
     """
     if answer not in ANSWERS:
-        from ..errors import ConfigError
         raise ConfigError(f"anytime answer must be one of {', '.join(ANSWERS)}, got {answer!r}")
     n, num_stages = x.shape[0], model.num_stages
     start = previous = clock()

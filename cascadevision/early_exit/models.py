@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..macs import count_macs
 from .config import ExitModelConfig
 
@@ -222,8 +223,6 @@ class ModelCascade(MultiExitModel):
 
 
 def build_exit_model(cfg: ExitModelConfig) -> MultiExitModel:
-    from ..errors import ConfigError
-
     if cfg.num_stages < 1:
         raise ConfigError(f"model.num_stages must be at least 1, got {cfg.num_stages}")
     if cfg.kind == "resnet":

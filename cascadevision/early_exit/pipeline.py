@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import to_dict, update
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .calibration import Calibration, assign_exits, budget_sweep, calibrate, choose_policy, summarize_exits
 from .config import ExitPolicyConfig, ExitsConfig

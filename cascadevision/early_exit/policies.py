@@ -29,24 +29,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import POLICY_NAMES, THRESHOLD_POLICIES
 from ..errors import ConfigError
+
+# One implementation of each confidence measure, on probabilities (..., C): the classifier's policies apply
+# them to the softmax of an exit's logits, a detector's cascade (`detection.py`) to a RoI's class probabilities.
+
+
+def probability_max(probs: Tensor) -> Tensor:
+    """The largest probability along the last dim."""
+    return probs.max(-1).values
+
+
+def probability_entropy(probs: Tensor, normalized: bool = True) -> Tensor:
+    """H(p) = -sum_c p_c log p_c along the last dim (0 log 0 = 0); divided by log C when `normalized`."""
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    return entropy / math.log(probs.shape[-1]) if normalized else entropy
+
+
+def probability_margin(probs: Tensor) -> Tensor:
+    """Top-1 minus top-2 probability along the last dim."""
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
 
 
 def softmax_entropy(logits: Tensor, normalized: bool = True) -> Tensor:
-    """H(p) = -sum_c p_c log p_c of softmax(logits) along the last dim; divided by log C when `normalized`."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    return entropy / math.log(logits.shape[-1]) if normalized else entropy
+    """The entropy of softmax(logits) along the last dim; divided by log C when `normalized`."""
+    return probability_entropy(F.softmax(logits.float(), dim=-1), normalized)
 
 
 def softmax_margin(logits: Tensor) -> Tensor:
     """Top-1 minus top-2 softmax probability, (N,)."""
-    top2 = F.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
+    return probability_margin(F.softmax(logits.float(), dim=-1))
 
 
 def max_probability(logits: Tensor) -> Tensor:
-    return F.softmax(logits.float(), dim=-1).max(-1).values
+    return probability_max(F.softmax(logits.float(), dim=-1))
 
 
 class ExitPolicy:
@@ -125,9 +143,19 @@ class ThresholdPolicy(ExitPolicy):
         else:
             self.thresholds = [float(t) for t in thresholds]
 
+    #: the measure on class probabilities (N, C) -> (N,), for the policies that read only the softmax
+    probability_metric = None  # a staticmethod in the subclasses
+
     def metric(self, logits: Tensor, stage: int = 0, features: Tensor | None = None) -> Tensor:
         """(N,) the policy's own measure (probability, entropy, margin, gate output) at exit `stage`."""
-        raise NotImplementedError
+        if self.probability_metric is None:
+            raise NotImplementedError
+        return self.probability_metric(F.softmax(logits.float(), dim=-1))
+
+    def passes(self, probs: Tensor, stage: int = 0) -> Tensor:
+        """(N,) bool: the measure of class probabilities `probs` (N, C) passes exit `stage`'s threshold."""
+        m = self.probability_metric(probs)
+        return m >= self.threshold(stage) if self.higher_is_confident else m <= self.threshold(stage)
 
     def confidence(self, logits: Tensor, stage: int = 0, features: Tensor | None = None) -> Tensor:
         """(N,) score where higher means surer; `exit iff confidence >= score_threshold(stage)`."""
@@ -171,24 +199,18 @@ class ThresholdPolicy(ExitPolicy):
 
 class MaxProbPolicy(ThresholdPolicy):
     """Exit when the largest softmax probability reaches the threshold."""
-
-    def metric(self, logits, stage=0, features=None):
-        return max_probability(logits)
+    probability_metric = staticmethod(probability_max)
 
 
 class EntropyPolicy(ThresholdPolicy):
     """Exit when the softmax entropy divided by log C is at most the threshold."""
     higher_is_confident = False
-
-    def metric(self, logits, stage=0, features=None):
-        return softmax_entropy(logits, normalized=True)
+    probability_metric = staticmethod(probability_entropy)
 
 
 class MarginPolicy(ThresholdPolicy):
     """Exit when top-1 minus top-2 probability reaches the threshold."""
-
-    def metric(self, logits, stage=0, features=None):
-        return softmax_margin(logits)
+    probability_metric = staticmethod(probability_margin)
 
 
 class PatiencePolicy(ExitPolicy):
@@ -293,18 +315,16 @@ class GatePolicy(ThresholdPolicy):
         return sum(m.in_features * m.out_features for m in gate.modules() if isinstance(m, nn.Linear))
 
 
-POLICY_KINDS = ("max_prob", "entropy", "margin", "patience", "gate", "none")
+POLICY_KINDS = POLICY_NAMES  # the one vocabulary, defined with the config (cascadevision.config)
+THRESHOLD_POLICY_CLASSES = {"max_prob": MaxProbPolicy, "entropy": EntropyPolicy, "margin": MarginPolicy}
+assert tuple(THRESHOLD_POLICY_CLASSES) == THRESHOLD_POLICIES
 
 
 def build_policy(cfg, gates: Sequence[ExitGate] | None = None) -> ExitPolicy:
     """An `ExitPolicy` from an `ExitPolicyConfig` (gates come from `train_gates` for kind 'gate')."""
     thresholds = tuple(cfg.thresholds) if cfg.thresholds else cfg.threshold
-    if cfg.kind == "max_prob":
-        return MaxProbPolicy(thresholds)
-    if cfg.kind == "entropy":
-        return EntropyPolicy(thresholds)
-    if cfg.kind == "margin":
-        return MarginPolicy(thresholds)
+    if cfg.kind in THRESHOLD_POLICY_CLASSES:
+        return THRESHOLD_POLICY_CLASSES[cfg.kind](thresholds)
     if cfg.kind == "patience":
         return PatiencePolicy(cfg.patience)
     if cfg.kind == "none":
@@ -313,4 +333,4 @@ def build_policy(cfg, gates: Sequence[ExitGate] | None = None) -> ExitPolicy:
         if gates is None:
             raise ConfigError("policy.kind 'gate' needs trained gates (train them with `cascadevision exits train`)")
         return GatePolicy(gates, thresholds, cfg.prune_threshold)
-    raise ConfigError(f"policy.kind must be one of {', '.join(POLICY_KINDS)}, got {cfg.kind!r}")
+    raise ConfigError(f"policy.kind must be one of {', '.join(POLICY_NAMES)}, got {cfg.kind!r}")

@@ -6,8 +6,9 @@
 """
 from __future__ import annotations
 
-from ..config import parse_overrides, update
+from ..config import update
 from ..errors import ConfigError
+from ..presets import PresetFamily
 from .config import ExitsConfig
 
 PRESETS: dict[str, dict] = {
@@ -22,11 +23,16 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
+def _apply_preset(cfg: ExitsConfig, name: str) -> ExitsConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown early-exit preset '{name}'; choose one of {', '.join(preset_names())}")
+    return update(cfg, {"preset": name, **PRESETS[name]})
+
+
+# the preset is a top-level key; values are checked where they are used (policies, execution)
+EXITS_PRESETS = PresetFamily(ExitsConfig, _apply_preset, preset_names, preset_key=("preset",), validate=None)
+
+
 def exits_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | dict | None = None) -> ExitsConfig:
     """The config of a preset (by name) with overrides applied: ['policy.threshold=0.9'] or a nested dict."""
-    preset = preset or DEFAULT_PRESET
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown early-exit preset '{preset}'; choose one of {', '.join(preset_names())}")
-    cfg = update(ExitsConfig(), {"preset": preset, **PRESETS[preset]})
-    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
-    return update(cfg, extra)
+    return EXITS_PRESETS.load(preset or DEFAULT_PRESET, overrides)

@@ -137,7 +137,7 @@ def plot_accuracy_vs_compute(path: str | Path, curves: Mapping[str, Sequence[tup
     `curves` maps a label to (average MACs, accuracy in [0, 1]) points; `exit_points` and `operating_point`
     are such pairs too.
     """
-    import matplotlib
+    import matplotlib  # lazy on purpose: matplotlib loads only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

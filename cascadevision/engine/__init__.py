@@ -1,5 +1,5 @@
 """Training and evaluation loops, checkpoints, and the torch.distributed helpers they use."""
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint, save_checkpoint
 from .evaluator import coco_eval, evaluate, results_to_coco
 from .trainer import WarmupMultiStepLR, build_optimizer, train
 

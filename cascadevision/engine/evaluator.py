@@ -14,6 +14,7 @@ from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from ..data.transforms import collate
 from ..errors import DatasetError
 from ..outputs import ensure_writable_dir
 from ..ops.masks import MASK_CHUNK_PIXELS, iter_pasted_masks
@@ -37,8 +38,6 @@ def evaluate(model: torch.nn.Module, dataset, *, out_dir: str | Path | None = No
     With `out_dir`, process 0 writes results.json (all detections), metrics.json and coco_eval.txt there.
     Problems with the dataset or `out_dir` are raised before any inference.
     """
-    from ..data import collate
-
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -37,10 +37,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import Config, TrainConfig, to_dict
+from ..data.sampler import AspectRatioBatchSampler
+from ..data.transforms import collate
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..io.checkpoint import (atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint,
+                             state_dict_mismatch)
+from ..visualize import plot_loss_curve
 from . import distributed as dist_utils
-from .checkpoint import (atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint,
-                         state_dict_mismatch)
 from .evaluator import evaluate
 from .rundir import RunLock, check_run_dir, prepare_run_dir, remove_leftovers
 
@@ -149,8 +152,6 @@ def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Pat
 class _Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module, dataset, out_dir: Path, device: torch.device,
                  rank: int, world_size: int, find_unused_parameters: bool):
-        from ..data import AspectRatioBatchSampler
-
         self.cfg, self.model, self.dataset, self.device = cfg, model, dataset, device
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.out_dir = out_dir
@@ -220,7 +221,6 @@ class _Trainer:
             save_checkpoint(final, {"state_dict": self.model.state_dict(), "meta": self._meta()})
             result["checkpoint"] = str(final)
             if self.iteration > start:
-                from ..visualize import plot_loss_curve
                 plot_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png")
         if val_dataset is not None and self.cfg.train.eval_at_end:
             if evaluate_fn is None:
@@ -234,8 +234,6 @@ class _Trainer:
         return result
 
     def _train_loop(self, bar: tqdm) -> dict:
-        from ..data import collate
-
         tc = self.cfg.train
         recent: deque[dict[str, float]] = deque(maxlen=_SMOOTHING_WINDOW)  # for the progress bar
         interval: list[dict[str, float]] = []  # since the last metrics.jsonl entry

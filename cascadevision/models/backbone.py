@@ -97,6 +97,7 @@ class ResNet(FreezableBackbone):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
             self.out_channels.append(inplanes)
         self.out_channels = [self.out_channels[i] for i in self.out_indices]
+        self.strides = [4 * 2 ** i for i in self.out_indices]  # C2..C5
         self._init_weights()
         self._freeze_stages()
 

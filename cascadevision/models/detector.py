@@ -1,8 +1,6 @@
 """The two-stage detector: handed its parts, it wires them in the order the data flows."""
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +40,6 @@ class TwoStageDetector(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.training and targets is None:
             raise ValueError("in train mode the model needs targets; call model.eval() for inference")
-        start = time.perf_counter()
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         batch, image_sizes, scale_factors, targets = self.transform(images, targets if self.training else None)
         features = self.extract_features(batch)
@@ -51,8 +48,6 @@ class TwoStageDetector(nn.Module):
             losses.update(self.roi_head.loss(features, proposals, image_sizes, targets, scale_factors))
             return losses
         proposals, _ = self.rpn_head(features, image_sizes)
-        budget_ms = self.cfg.roi_head.early_exit.time_budget_ms
-        deadline = start + budget_ms / 1000 if budget_ms > 0 else None
-        detections = self.roi_head.predict(features, proposals, image_sizes, deadline=deadline)
+        detections = self.roi_head.predict(features, proposals, image_sizes)
         return self.transform.postprocess(detections, scale_factors, original_sizes, self.cfg.roi_head.mask_thr,
                                           self.cfg.roi_head.mask_output)

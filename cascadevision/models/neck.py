@@ -9,12 +9,15 @@ from .layers import ConvModule
 
 
 class FPN(nn.Module):
-    def __init__(self, in_channels: list[int], cfg: NeckConfig):
+    def __init__(self, in_channels: list[int], cfg: NeckConfig, in_strides: list[int] | None = None):
         super().__init__()
         if cfg.num_outs < len(in_channels):
             raise ValueError(f"neck.num_outs must be >= {len(in_channels)}, got {cfg.num_outs}")
         out = cfg.out_channels
         self.num_outs = cfg.num_outs
+        in_strides = list(in_strides or [4 * 2 ** i for i in range(len(in_channels))])
+        # each level's stride in input pixels, finest first: the inputs', then x2 per extra (subsampled) level
+        self.strides = in_strides + [in_strides[-1] * 2 ** k for k in range(1, cfg.num_outs - len(in_channels) + 1)]
         self.out_channels = out
         self.lateral_convs = nn.ModuleList(ConvModule(c, out, 1, relu=False) for c in in_channels)
         self.fpn_convs = nn.ModuleList(ConvModule(out, out, 3, padding=1, relu=False) for _ in in_channels)

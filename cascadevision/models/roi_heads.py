@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import RoIHeadConfig
-from ..ops import decode_boxes, encode_boxes, multi_scale_roi_align
+from ..ops import decode_boxes, encode_boxes, multi_scale_roi_align, roi_align
 from .assign import MaxIoUAssigner, sample
 from .bbox_head import BBoxHead, multiclass_nms
 from .mask_head import MaskHead, mask_loss, mask_targets
@@ -66,14 +67,61 @@ def positive_mask_targets(sampled_pos_boxes: list[Tensor], pos_gt_inds: list[Ten
                       for b, g, t, s in zip(sampled_pos_boxes, pos_gt_inds, targets, scale_factors)])
 
 
-class StandardRoIHead(nn.Module):
-    """One box head (and one mask head) on RoIAlign features of P2..P5: Faster R-CNN and Mask R-CNN."""
+# P2-P5 of a standard FPN: only for a head built on its own (tests); `build_from_config` passes the neck's strides
+STANDARD_FPN_STRIDES = (4, 8, 16, 32)
 
-    def __init__(self, cfg: RoIHeadConfig, num_classes: int, in_channels: int, strides=(4, 8, 16, 32)):
+
+class RoIHead(nn.Module):
+    """What every RoI head shares: RoIAlign over the finest neck levels (plus, when given, the pooled semantic
+    feature of HTC) and the mask loss on the positive RoIs. Subclasses provide `_mask_logits(stage, feats)`."""
+
+    def __init__(self, cfg: RoIHeadConfig, num_classes: int, strides):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.strides = tuple(strides)
+        self.strides = tuple(strides)  # of the levels RoIs are pooled from, finest first
+        self.mask_head = None
+
+    @property
+    def with_mask(self) -> bool:
+        return self.mask_head is not None
+
+    def _roi_features(self, features: list[Tensor], rois: Tensor, size: int,
+                      semantic_feat: Tensor | None = None) -> Tensor:
+        feats = multi_scale_roi_align(features[: len(self.strides)], rois, size, self.strides,
+                                      finest_scale=self.cfg.finest_scale, sampling_ratio=0, aligned=True)
+        if semantic_feat is not None:
+            # the semantic map is pooled at the mask size for both branches, then averaged down for boxes
+            stride = self.strides[self.cfg.semantic_fusion_level]
+            sem = roi_align(semantic_feat, rois, self.cfg.mask_roi_size, spatial_scale=1.0 / stride,
+                            sampling_ratio=0, aligned=True)
+            if sem.shape[-1] != size:
+                # 14 -> 7 is a plain 2x2 average (much faster to backpropagate than the adaptive pool)
+                factor = sem.shape[-1] // size
+                sem = (F.avg_pool2d(sem, factor) if factor * size == sem.shape[-1]
+                       else F.adaptive_avg_pool2d(sem, size))
+            feats = feats + sem
+        return feats
+
+    def _mask_logits(self, stage: int, mask_feats: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _mask_loss(self, stage: int, features, sampled: SampledRoIs, targets, scale_factors,
+                   semantic_feat: Tensor | None = None) -> Tensor:
+        """The mask loss of `stage`'s mask head on the positive RoIs of `sampled`."""
+        pos_boxes = sampled.pos_boxes()
+        mask_feats = self._roi_features(features, boxes_to_rois(pos_boxes), self.cfg.mask_roi_size, semantic_feat)
+        logits = self._mask_logits(stage, mask_feats)[-1]
+        target = positive_mask_targets(pos_boxes, sampled.pos_gt_inds, targets, scale_factors, logits.shape[-1])
+        labels = torch.cat([l[:p] for l, p in zip(sampled.labels, sampled.num_pos)])
+        return mask_loss(logits, labels, target)
+
+
+class StandardRoIHead(RoIHead):
+    """One box head (and one mask head) on RoIAlign features of P2..P5: Faster R-CNN and Mask R-CNN."""
+
+    def __init__(self, cfg: RoIHeadConfig, num_classes: int, in_channels: int, strides=STANDARD_FPN_STRIDES):
+        super().__init__(cfg, num_classes, strides)
         self.bbox_head = BBoxHead(in_channels, cfg.roi_size, cfg.num_fcs, cfg.fc_channels, num_classes,
                                   cfg.reg_class_agnostic)
         self.mask_head = (MaskHead(in_channels, cfg.mask_conv_channels, cfg.mask_num_convs, num_classes)
@@ -81,33 +129,24 @@ class StandardRoIHead(nn.Module):
         iou = cfg.iou_thresholds[0]
         self.assigner = MaxIoUAssigner(iou, iou, iou, cfg.match_low_quality)
 
-    @property
-    def with_mask(self) -> bool:
-        return self.mask_head is not None
-
-    def _pool(self, features: list[Tensor], rois: Tensor, size: int) -> Tensor:
-        return multi_scale_roi_align(features[: len(self.strides)], rois, size, self.strides,
-                                     finest_scale=self.cfg.finest_scale, sampling_ratio=0, aligned=True)
+    def _mask_logits(self, stage: int, mask_feats: Tensor) -> list[Tensor]:
+        return [self.mask_head(mask_feats)[0]]
 
     def loss(self, features, proposals, image_sizes, targets, scale_factors) -> dict[str, Tensor]:
         sampled = sample_rois(proposals, targets, self.assigner, self.cfg, self.num_classes)
         rois = boxes_to_rois(sampled.boxes)
-        cls_score, deltas = self.bbox_head(self._pool(features, rois, self.cfg.roi_size))
+        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.roi_size))
         losses = self.bbox_head.loss(cls_score, deltas, torch.cat(sampled.labels),
                                      delta_targets(sampled, targets, self.cfg.bbox_stds[0]),
                                      self.cfg.loss_bbox, self.cfg.smooth_l1_beta)
         if self.with_mask:
-            pos_boxes = sampled.pos_boxes()
-            logits, _ = self.mask_head(self._pool(features, boxes_to_rois(pos_boxes), self.cfg.mask_roi_size))
-            target = positive_mask_targets(pos_boxes, sampled.pos_gt_inds, targets, scale_factors, logits.shape[-1])
-            labels = torch.cat([l[:p] for l, p in zip(sampled.labels, sampled.num_pos)])
-            losses["loss_mask"] = mask_loss(logits, labels, target)
+            losses["loss_mask"] = self._mask_loss(0, features, sampled, targets, scale_factors)
         return losses
 
     @torch.no_grad()
-    def predict(self, features, proposals, image_sizes, deadline: float | None = None) -> list[dict[str, Tensor]]:
+    def predict(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
         rois = boxes_to_rois(proposals)
-        cls_score, deltas = self.bbox_head(self._pool(features, rois, self.cfg.roi_size))
+        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.roi_size))
         scores = cls_score.float().softmax(-1)
         counts = [len(p) for p in proposals]
         detections = []
@@ -129,7 +168,7 @@ class StandardRoIHead(nn.Module):
             for d in detections:
                 d["mask_probs"] = d["boxes"].new_zeros((0, self.cfg.mask_size, self.cfg.mask_size))
             return
-        logits, _ = self.mask_head(self._pool(features, boxes_to_rois(det_boxes), self.cfg.mask_roi_size))
+        logits, _ = self.mask_head(self._roi_features(features, boxes_to_rois(det_boxes), self.cfg.mask_roi_size))
         labels = torch.cat([d["labels"] for d in detections])
         probs = logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid()
         for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):

@@ -1,4 +1,4 @@
-"""Semantic segmentation configs, presets, and building a `Segmenter` from a config.
+"""Semantic segmentation configs (presets are in `presets.py`, building a `Segmenter` in `model.py`).
 
 Defaults are the CASCADE reference values (spec section 2) where one exists. The training schedule reuses
 `TrainConfig`; the engine's optimiser is SGD, so the reference's constant-lr AdamW (1e-4) becomes constant-lr
@@ -6,16 +6,10 @@ SGD here (no lr steps), with a short warm-up.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from torch import nn
-
-from ..config import BackboneConfig, TrainConfig, load_yaml, parse_overrides, update, validate
-from ..errors import ConfigError
-from ..models.cascade_decoder import (DecoderConfig, SegInputConfig, SegLossConfig, Segmenter,
-                                      build_decoder)
+from ..config import BackboneConfig, TrainConfig
+from ..models.cascade_decoder import DecoderConfig, SegInputConfig, SegLossConfig
 
 
 @dataclass
@@ -55,104 +49,15 @@ class SegmentationConfig:
     train: TrainConfig = field(default_factory=_default_train)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# presets: each changes only what differs from the defaults above
+_MOVED = {"SEG_PRESETS": "presets", "SEG_SCHEDULES": "presets", "FPN_R18_CHANNELS": "presets",
+          "seg_preset_config": "presets", "seg_preset_names": "presets", "load_seg_config": "presets",
+          "build_backbone": "model", "build_segmenter": "model"}
 
 
-def _small_cpu(cfg: SegModelConfig) -> SegModelConfig:
-    """ResNet-18 and 128 x 128 inputs: trains on a CPU in minutes."""
-    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, depth=18),
-                               input=dataclasses.replace(cfg.input, size=(128, 128)))
-
-
-def _model(decoder: str = "cascade", depth: int = 50, *, backbone_type: str = "resnet",
-           channels: tuple[int, ...] = (), fpn_channels: int = 256, mutation: bool = False) -> SegModelConfig:
-    cfg = SegModelConfig()
-    loss = SegLossConfig(mutation=True, ce_weight=0.3, dice_weight=0.7) if mutation else cfg.loss
-    return dataclasses.replace(
-        cfg, backbone=dataclasses.replace(cfg.backbone, type=backbone_type, depth=depth),
-        decoder=DecoderConfig(type=decoder, channels=channels, fpn_channels=fpn_channels), loss=loss)
-
-
-# the FPN baseline's width that gives about the parameters of the CASCADE decoder on ResNet-18 (8.9M)
-FPN_R18_CHANNELS = 400
-
-SEG_PRESETS = {
-    "cascade_r18": lambda: _small_cpu(_model("cascade")),
-    "cascade_add_r18": lambda: _small_cpu(_model("cascade_add")),
-    "cascade_add_r18_mutation": lambda: _small_cpu(_model("cascade_add", mutation=True)),  # MERIT-style
-    "fpn_r18": lambda: _small_cpu(_model("fpn", fpn_channels=FPN_R18_CHANNELS)),
-    "cascade_r50": lambda: _model("cascade", 50, channels=(512, 320, 128, 64)),  # PVT-CASCADE's widths
-    "cascade_add_r50_mutation": lambda: _model("cascade_add", 50, channels=(768, 384, 192, 96), mutation=True),
-    "cascade_efficientvit_m4": lambda: _model("cascade", backbone_type="efficientvit_m4"),
-}
-
-# the small presets also get a schedule that trains on a CPU in a few minutes (the defaults are Synapse's 150 epochs)
-_CPU_SCHEDULE = {"data": {"batch_size": 8}, "train": {"max_iters": 400, "checkpoint_interval": 100}}
-SEG_SCHEDULES = {name: _CPU_SCHEDULE for name in SEG_PRESETS if name.endswith("_r18") or "_r18_" in name}
-
-
-def seg_preset_config(name: str) -> SegModelConfig:
-    if name not in SEG_PRESETS:
-        raise ConfigError(f"unknown segmentation preset '{name}'; available: {', '.join(sorted(SEG_PRESETS))}")
-    return dataclasses.replace(SEG_PRESETS[name](), preset=name)
-
-
-def seg_preset_names() -> list[str]:
-    return sorted(SEG_PRESETS)
-
-
-def load_seg_config(preset_or_path: str | Path | None = None,
-                    overrides: list[str] | dict | None = None) -> SegmentationConfig:
-    """A SegmentationConfig from a preset name or a YAML file (which may name `model.preset`), then overrides."""
-    cfg = SegmentationConfig()
-    data: dict = {}
-    if preset_or_path:
-        text = str(preset_or_path)
-        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
-            data = load_yaml(text)
-        else:
-            data = {"model": {"preset": text}}
-    extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
-    preset = extra.get("model", {}).get("preset") or data.get("model", {}).get("preset")
-    if preset:
-        cfg = dataclasses.replace(cfg, model=seg_preset_config(preset))
-        cfg = update(cfg, SEG_SCHEDULES.get(preset, {}))
-    cfg = update(update(cfg, data), extra)
-    validate(cfg)
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# building
-
-
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """ResNet (`type: resnet`) or EfficientViT (`type: efficientvit_m0` .. `efficientvit_m5`); both return four
-    maps at strides 4, 8, 16, 32 and list their widths in `out_channels`."""
-    if cfg.type == "resnet":
-        from ..models.backbone import ResNet
-        return ResNet(cfg)
-    if cfg.type.startswith("efficientvit_"):
-        try:
-            from ..models.efficientvit import EfficientViTBackbone
-        except ImportError as exc:
-            raise ConfigError(f"backbone.type '{cfg.type}' needs cascadevision.models.efficientvit, which cannot be "
-                              f"imported here ({exc})") from None
-        return EfficientViTBackbone(cfg)
-    raise ConfigError(f"backbone.type must be 'resnet' or 'efficientvit_m0'..'efficientvit_m5', got '{cfg.type}'")
-
-
-def build_segmenter(cfg: SegModelConfig) -> Segmenter:
-    if cfg.num_classes < 1:
-        raise ConfigError(f"model.num_classes must be at least 1, got {cfg.num_classes}")
-    if any(s % cfg.input.size_divisor for s in cfg.input.size):
-        raise ConfigError(f"model.input.size {list(cfg.input.size)} must be a multiple of "
-                          f"model.input.size_divisor ({cfg.input.size_divisor})")
-    backbone = build_backbone(cfg.backbone)
-    try:
-        decoder = build_decoder(cfg.decoder, backbone.out_channels)
-        return Segmenter(backbone, decoder, cfg.num_classes, input=cfg.input, loss=cfg.loss,
-                         class_names=cfg.class_names)
-    except ValueError as exc:
-        raise ConfigError(f"model: {exc}") from None
+def __getattr__(name: str):
+    # Presets and the loader moved to `segmentation.presets`, building to `segmentation.model`. Lazy on purpose,
+    # to keep the old names importable from here; exempt (by name) in tests/test_layering.py.
+    if name in _MOVED:
+        from . import model, presets
+        return getattr(presets if _MOVED[name] == "presets" else model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,11 +16,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from PIL import Image
+
 from ..data.image import load_image, load_label_map
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
+from ..io.images import IMAGE_SUFFIXES
 
 IGNORE_INDEX = 255
-from ..pipeline import IMAGE_SUFFIXES
 CLASS_FILES = ("semantic_classes.json", "classes.json")
 
 Target = dict[str, Any]
@@ -122,7 +124,6 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 def _aspect_ratio(path: Path) -> float:
     try:
-        from PIL import Image
         with Image.open(path) as image:
             width, height = image.size
     except OSError:  # unreadable: reported with the file name when the sample is loaded
@@ -195,5 +196,4 @@ def train_transforms(augment: str) -> Callable | None:
         return RandomHorizontalFlip()
     if augment == "none":
         return None
-    from ..errors import ConfigError
     raise ConfigError(f"data.augment must be 'rot_flip', 'hflip' or 'none', got '{augment}'")

@@ -1,0 +1,270 @@
+"""The one CLI factory: every task gets the same `train / eval / predict / presets` verbs with the same shared
+flags (`--set`, `--device`, `--out`, `--resume`, `--overwrite`, `--no-progress`); a `TaskCommands` says only what
+differs (its data flags, its extra options, how it reports).
+
+Building the parser imports no task: a verb imports its task when it runs, so `cascadevision --help` stays quick.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import parse_overrides, update
+from .errors import ConfigError
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def add_set(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value, e.g. --set {example} (repeatable)")
+
+
+def _nothing(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class TaskCommands:
+    """The command line of one task. `module` is the `cascadevision.tasks` module holding the task's jobs."""
+    module: str
+    set_example: str
+    config_help: str
+    train_help: str
+    eval_help: str
+    predict_help: str
+    presets_help: str
+    weights_help: str
+    train_data: tuple[tuple[str, str | None], ...]  # (flag, help): values of the config's data section
+    eval_inputs: tuple[tuple[str, str | None], ...]  # required flags naming the evaluation data
+    eval_out_help: str
+    eval_options: AddArgs = _nothing  # between --out and --device
+    predict_options: AddArgs = _nothing  # between --out and --device
+    model_options: AddArgs | None = None  # eval/predict: --set (model.* only) and these, after --no-progress
+    report_training: Callable[[object, dict, object], None] | None = None  # (jobs module, metrics, cfg)
+    evaluate: Callable[[object, argparse.Namespace], int] | None = None
+    predict: Callable[[object, argparse.Namespace], int] | None = None
+    presets: Callable[[], list[str]] | None = None
+
+    def jobs(self):
+        return importlib.import_module(self.module)
+
+    # -- parsers --------------------------------------------------------------------------------------------
+
+    def add_train(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser("train", help=self.train_help)
+        p.add_argument("config", help=self.config_help)
+        for flag, help_ in self.train_data:
+            p.add_argument(flag, help=help_)
+        p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plots)")
+        p.add_argument("--weights", default="", help=self.weights_help)
+        p.add_argument("--resume", nargs="?", const=True, default=False,
+                       help="continue from the run directory's latest checkpoint (or the given one)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (its checkpoints, config and logs are removed)")
+        p.add_argument("--no-progress", action="store_true")
+        add_set(p, self.set_example)
+        return p
+
+    def add_eval(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser("eval", help=self.eval_help)
+        p.add_argument("checkpoint")
+        for flag, help_ in self.eval_inputs:
+            p.add_argument(flag, required=True, help=help_)
+        p.add_argument("--out", default=None, help=self.eval_out_help)
+        self.eval_options(p)
+        self._device_and_model_options(p)
+        return p
+
+    def add_predict(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser("predict", help=self.predict_help)
+        p.add_argument("checkpoint")
+        p.add_argument("inputs", nargs="+", help="image files or directories")
+        p.add_argument("--out", required=True)
+        self.predict_options(p)
+        self._device_and_model_options(p)
+        return p
+
+    def add_presets(self, sub) -> argparse.ArgumentParser:
+        return sub.add_parser("presets", help=self.presets_help)
+
+    def add_all(self, sub) -> None:
+        for add in (self.add_train, self.add_eval, self.add_predict, self.add_presets):
+            add(sub)
+
+    def _device_and_model_options(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto")
+        p.add_argument("--no-progress", action="store_true")
+        if self.model_options is not None:
+            add_set(p, self.set_example)
+            self.model_options(p)
+
+    # -- running --------------------------------------------------------------------------------------------
+
+    def run(self, verb: str, args: argparse.Namespace) -> int:
+        jobs = self.jobs()
+        if verb == "presets":
+            print("\n".join(self.presets() if self.presets else jobs.TASK.presets.names()))
+            return 0
+        if verb == "train":
+            task = jobs.TASK
+            cfg = task.load_config(args.config, args.overrides)
+            data = {k: getattr(args, k) for k in _dests(self.train_data) if getattr(args, k)}
+            cfg = update(cfg, {"data": data})
+            cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
+            metrics = task.run_training(cfg, args.out, resume=args.resume, weights=args.weights,
+                                        progress=not args.no_progress, overwrite=args.overwrite)
+            if self.report_training is not None:
+                self.report_training(jobs, metrics, cfg)
+            return 0
+        if verb == "eval":
+            return self.evaluate(jobs, args)
+        if verb == "predict":
+            return self.predict(jobs, args)
+        raise AssertionError(verb)
+
+
+def _dests(flags: tuple[tuple[str, str | None], ...]) -> list[str]:
+    return [flag.lstrip("-").replace("-", "_") for flag, _ in flags]
+
+
+def report_failures(summary: list[dict], wrote: str) -> int:
+    """Print what predict wrote, and the files it skipped (exit status 1 when there were some)."""
+    failed = [entry for entry in summary if "error" in entry]
+    print(wrote.format(count=len(summary) - len(failed)))
+    if failed:
+        print(f"skipped {len(failed)} unreadable file(s):", file=sys.stderr)
+        for entry in failed:
+            print(f"  {entry['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detection
+
+
+def _add_early_exit(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early exit (cascade models)")
+    g.add_argument("--early-exit", choices=["none", "max_prob", "entropy", "margin"],
+                   help="region-level exit policy: confident RoIs stop being refined")
+    g.add_argument("--exit-threshold", type=float, help="confidence to leave (entropy: at most this)")
+    g.add_argument("--exit-background", type=float, help="drop RoIs once P(background) >= this")
+    g.add_argument("--exit-prune", type=float,
+                   help="stop refining (but keep) RoIs whose best class probability is below this")
+    g.add_argument("--time-budget-ms", type=float, help="anytime inference: stop the cascade past this budget")
+
+
+def model_overrides(args) -> dict:
+    """--set values and early-exit options for eval/predict: only model.* keys make sense there."""
+    nested = parse_overrides(args.overrides)
+    extra = set(nested) - {"model"}
+    if extra:
+        raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
+    model = nested.get("model", {})
+    options = {"policy": args.early_exit, "threshold": args.exit_threshold,
+               "background_threshold": args.exit_background, "prune_threshold": args.exit_prune,
+               "time_budget_ms": args.time_budget_ms}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options:
+        model.setdefault("roi_head", {}).setdefault("early_exit", {}).update(options)
+    return model
+
+
+def _detection_report(jobs, metrics: dict, cfg) -> None:
+    if metrics and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(jobs.format_metrics(metrics, title=cfg.model.preset or "model"))
+
+
+def _detection_eval(jobs, args) -> int:
+    metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=model_overrides(args),
+                                  device=args.device, progress=not args.no_progress, class_map=args.class_map)
+    print(jobs.format_metrics(metrics))
+    if "early_exit" in metrics:
+        print(jobs.format_exit_summary(metrics["early_exit"]))
+    return 0
+
+
+def _detection_predict(jobs, args) -> int:
+    summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
+                                  overrides=model_overrides(args), device=args.device, progress=not args.no_progress)
+    return report_failures(summary, f"wrote {{count}} overlays and results.json to {Path(args.out)}")
+
+
+def _class_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--class-map", default=None, metavar="MODEL=DATASET,...|FILE",
+                   help="how the checkpoint's classes relate to the annotation file's categories when they differ: "
+                        "model class name or id = dataset category name or id (or a JSON/YAML file of such pairs); "
+                        "unmapped model classes are not scored")
+
+
+def _score_thr(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--score-thr", type=float, default=0.3)
+
+
+DETECTION = TaskCommands(
+    module="cascadevision.tasks.detection", set_example="model.rpn.nms_iou=0.6",
+    config_help="a preset name (see `cascadevision presets`) or a YAML config file",
+    train_help="train a detector (works under torchrun for DDP)",
+    eval_help="COCO bbox/segm evaluation of a checkpoint",
+    predict_help="draw predictions on images and write COCO-style results",
+    presets_help="list the model presets",
+    weights_help="initial weights: checkpoint, MMDetection .pth or ImageNet ResNet",
+    train_data=(("--train-ann", None), ("--train-images", None),
+                ("--train-semantic", "directory of semantic label-map PNGs (HTC)"), ("--val-ann", None),
+                ("--val-images", None)),
+    eval_inputs=(("--ann", None), ("--images", None)), eval_out_help="directory for results.json and metrics.json",
+    eval_options=_class_map, predict_options=_score_thr, model_options=_add_early_exit,
+    report_training=_detection_report, evaluate=_detection_eval, predict=_detection_predict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segmentation
+
+
+def _segmentation_report(jobs, metrics: dict, cfg) -> None:
+    if "mIoU" in metrics:
+        print(jobs.format_scores(metrics, title=cfg.model.preset or "class"))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("IoU", "Dice")}, indent=2))
+
+
+def _segmentation_eval(jobs, args) -> int:
+    scores = jobs.run_evaluation(args.checkpoint, args.images, args.labels, args.out, device=args.device,
+                                 progress=not args.no_progress)
+    print(jobs.format_scores(scores))
+    return 0
+
+
+def _segmentation_predict(jobs, args) -> int:
+    summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, device=args.device,
+                                  progress=not args.no_progress, alpha=args.alpha)
+    out = Path(args.out)
+    return report_failures(summary, f"wrote {{count}} overlays to {out / 'overlays'} and label maps to "
+                                    f"{out / 'labels'}")
+
+
+def _alpha(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours")
+
+
+SEGMENTATION = TaskCommands(
+    module="cascadevision.tasks.segmentation", set_example="model.loss.mutation=true",
+    config_help="a preset name (see `cascadevision segment presets`) or a YAML config file",
+    train_help="train a segmentation model (works under torchrun for DDP)",
+    eval_help="per-class IoU and Dice, mIoU and mDice of a checkpoint",
+    predict_help="colour overlays and label PNGs for images or directories",
+    presets_help="list the segmentation presets",
+    weights_help="initial weights: a checkpoint or an ImageNet ResNet state dict",
+    train_data=(("--train-images", "directory of training images"),
+                ("--train-labels", "directory of label-map PNGs named like the images (255 = ignore)"),
+                ("--val-images", None), ("--val-labels", None),
+                ("--classes", "JSON list of class names (default: semantic_classes.json near the labels)")),
+    eval_inputs=(("--images", None), ("--labels", None)), eval_out_help="directory for metrics.json and metrics.md",
+    predict_options=_alpha, report_training=_segmentation_report, evaluate=_segmentation_eval,
+    predict=_segmentation_predict)
