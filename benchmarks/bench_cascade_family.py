@@ -21,7 +21,7 @@ VARIANTS = {
     "Cascade Mask R-CNN": ("cascade_mask_rcnn_r18_fpn", {}),
     # rows 3-5 use HTC's own settings (low-quality matching on, score_thr 0.001), so the step from row 2
     # to row 3 includes those two differences besides interleaving
-    "+ interleaved": ("htc_without_semantic_r18_fpn", {"mask_info_flow": False}),
+    "+ interleaved": ("htc_without_semantic_r18_fpn", {"htc": {"mask_info_flow": False}}),
     "+ mask info flow (HTC w/o semantic)": ("htc_without_semantic_r18_fpn", {}),
     "+ semantic fusion (HTC)": ("htc_r18_fpn", {}),
 }

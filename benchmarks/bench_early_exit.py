@@ -26,12 +26,12 @@ from cascadevision.early_exit.pipeline import (bench_run, calibrate_run, evaluat
 from cascadevision.early_exit.presets import exits_config  # noqa: E402
 
 POLICIES = [  # (name, policy overrides)
-    ("max_prob", {"kind": "max_prob"}),
-    ("entropy", {"kind": "entropy"}),
-    ("margin", {"kind": "margin"}),
-    ("patience", {"kind": "patience"}),
-    ("gate", {"kind": "gate"}),
-    ("gate+pruner", {"kind": "gate", "prune_threshold": 0.05}),
+    ("max_prob", {"policy": "max_prob"}),
+    ("entropy", {"policy": "entropy"}),
+    ("margin", {"policy": "margin"}),
+    ("patience", {"policy": "patience"}),
+    ("gate", {"policy": "gate"}),
+    ("gate+pruner", {"policy": "gate", "prune_threshold": 0.05}),
 ]
 
 
@@ -48,12 +48,12 @@ def get_run(out: Path, name: str, overrides: list[str], retrain: bool):
 def evaluate_policies(run, out: Path, name: str) -> list[dict]:
     rows = []
     for label, changes in POLICIES:
-        policy_cfg = update(run.cfg.policy, changes)
+        policy_cfg = update(run.cfg.early_exit, changes)
         policy, plan = calibrate_run(run, policy_cfg, max_drop=0.5)
         report = evaluate_run(run, policy, plan, out / name / f"eval_{label}",
                               title=f"{name}: {label} at <= 0.5 pt (thresholds from val)")
         rows.append(summary_row(label, "<= 0.5 pt below full (val)", plan, report))
-    policy, plan = calibrate_run(run, update(run.cfg.policy, {"kind": "max_prob"}), budget_fraction=0.5)
+    policy, plan = calibrate_run(run, update(run.cfg.early_exit, {"policy": "max_prob"}), budget_fraction=0.5)
     report = evaluate_run(run, policy, plan, out / name / "eval_max_prob_budget50",
                           title=f"{name}: max_prob, budget 50% of the full model (MSDNet calibration on val)")
     rows.append(summary_row("max_prob", "budget 50% (val)", plan, report))
@@ -121,7 +121,7 @@ def main() -> None:
         run = get_run(out, name, overrides, args.retrain)
         rows = evaluate_policies(run, out, name)
         main_row = rows[0]
-        policy, _ = calibrate_run(run, update(run.cfg.policy, {"kind": "max_prob"}), max_drop=0.5)
+        policy, _ = calibrate_run(run, update(run.cfg.early_exit, {"policy": "max_prob"}), max_drop=0.5)
         print(f"[{name}] wall clock ({policy.describe()})", flush=True)
         bench = bench_run(run, policy, (1, 256), args.repeats)
         texts += [policy_table(name, rows), curve_table(name, main_row),

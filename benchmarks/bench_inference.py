@@ -30,7 +30,7 @@ def measure(preset: str, height: int, width: int, runs: int, device: str, dtype:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(preset, num_classes=80, roi_head={"score_thr": 0.0}).eval().to(device)
+    model = build_model(preset, num_classes=80, roi_head={"test": {"score_thr": 0.0}}).eval().to(device)
     image = torch.rand(3, height, width, device=device)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype),
                               enabled=dtype != "float32")

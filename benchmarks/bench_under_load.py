@@ -48,7 +48,7 @@ def measure(repeats: int, op_budget: float) -> dict:
     boxes, _ = clustered_boxes(1000)
     rois = torch.cat([torch.zeros(1000, 1), boxes.clamp_min(0)], 1)  # (1000, 5)
     torch.manual_seed(0)
-    model = build_model(PRESET, num_classes=80, roi_head={"score_thr": 0.0}).eval()
+    model = build_model(PRESET, num_classes=80, roi_head={"test": {"score_thr": 0.0}}).eval()
     width, height = model.cfg.input.scale  # the preset's default input size
     image = torch.rand(3, height, width, generator=generator)
     cases = {}

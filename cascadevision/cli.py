@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .commands import DETECTION, SEGMENTATION, add_set, model_overrides
 from .errors import CascadeVisionError, CheckpointError
@@ -30,12 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascadevision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a synthetic COCO-format instance segmentation dataset")
+    # the defaults are generate_synthetic's (cascadevision.data.synth): a flag not given is not passed on
+    p = sub.add_parser("synth", help="write a synthetic COCO-format instance segmentation dataset",
+                       description="Flags left out take generate_synthetic's defaults.",
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("out")
-    p.add_argument("--num-images", type=int, default=200)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--num-images", type=int, help="images in both splits")
+    p.add_argument("--size", type=int, help="side of the square images, in pixels")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-fraction", type=float, help="share of the images in the val split")
 
     DETECTION.add_train(sub)
     DETECTION.add_eval(sub)
@@ -71,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # an old config key a person wrote (YAML, --set) is read, and said so: Python hides library deprecations
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"cascadevision\.config")
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -93,8 +99,8 @@ def _run(args) -> int:
     if args.command == "synth":
         from .data.synth import generate_synthetic  # CLI start-up stays light (see above)
 
-        paths = generate_synthetic(args.out, num_images=args.num_images, size=args.size, seed=args.seed,
-                                   val_fraction=args.val_fraction)
+        options = {k: getattr(args, k) for k in ("num_images", "size", "seed", "val_fraction") if hasattr(args, k)}
+        paths = generate_synthetic(args.out, **options)
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0

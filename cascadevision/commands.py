@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import parse_overrides, update
+from .config import PREDICT_SCORE_THR, REGION_POLICIES, parse_overrides, update
 from .errors import ConfigError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -152,7 +152,7 @@ def report_failures(summary: list[dict], wrote: str) -> int:
 
 def _add_early_exit(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("early exit (cascade models)")
-    g.add_argument("--early-exit", choices=["none", "max_prob", "entropy", "margin"],
+    g.add_argument("--early-exit", choices=REGION_POLICIES,
                    help="region-level exit policy: confident RoIs stop being refined")
     g.add_argument("--exit-threshold", type=float, help="confidence to leave (entropy: at most this)")
     g.add_argument("--exit-background", type=float, help="drop RoIs once P(background) >= this")
@@ -205,7 +205,8 @@ def _class_map(p: argparse.ArgumentParser) -> None:
 
 
 def _score_thr(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--score-thr", type=float, default=PREDICT_SCORE_THR,
+                   help="draw the detections scoring at least this (default %(default)s)")
 
 
 DETECTION = TaskCommands(

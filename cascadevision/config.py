@@ -3,7 +3,13 @@
 Every default is the reference value (MMDetection's `mask_rcnn_r50_fpn_1x` unless a field says otherwise);
 presets in `cascadevision.models.presets` change only what differs. YAML files and `--set a.b=value`
 overrides are applied on top (`cascadevision.presets.load_config`), and any unknown key is an error naming the key
-and the valid ones. This module is a leaf: it imports nothing from the package but `errors`.
+and the valid ones; keys of earlier layouts are still read (`RENAMED`). This module is a leaf: it imports
+nothing from the package but `errors`.
+
+The RoI head's config is small sections: `sampler` (training), `box_head`, `mask_head`, `test` (NMS and
+outputs), `htc` (read only by an HTC head) and `early_exit` (one `EarlyExitConfig` for a detector's cascade and
+for the early-exit classifiers); what is per stage (`iou_thresholds`, `stage_loss_weights`, `bbox_stds`) stays
+at its top with `type`, `num_stages`, `finest_scale` and `with_mask`.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,22 +82,85 @@ THRESHOLD_POLICIES = ("max_prob", "entropy", "margin")
 POLICY_NAMES = (*THRESHOLD_POLICIES, "patience", "gate", "none")
 REGION_POLICIES = ("none", *THRESHOLD_POLICIES)
 
+EXIT_THRESHOLD = 0.9  # the default confidence to leave at, for RoIs and for a classifier's exits alike
+PREDICT_SCORE_THR = 0.3  # `predict` draws (and counts) the detections scoring at least this
+
 
 @dataclass
 class EarlyExitConfig:
-    """Region-level early exit in a cascade at test time (off by default) and an image-level time budget."""
-    policy: str = "none"  # "none", "max_prob", "entropy" or "margin"
-    threshold: float = 0.9  # a RoI stops being refined once its confidence passes this (entropy: falls below)
-    background_threshold: float = 0.0  # a RoI is dropped once P(background) >= this; 0 disables
-    prune_threshold: float = 0.0  # pruner: a RoI whose best class probability is below this stops being
-    #                               refined but is kept (box, score and mask from the stages it went through)
-    time_budget_ms: float = 0.0  # anytime inference: past this the cascade stops at the current stage; 0 = no limit
+    """One early-exit policy: a detector's cascade (`model.roi_head.early_exit`, off by default) and a classifier's
+    exits (`early_exit` of an exits config) read the same fields. `policy` is one of POLICY_NAMES; a detector
+    takes REGION_POLICIES. Fields marked "detector" or "classifier" are read by that side only."""
+    policy: str = "none"  # "none", "max_prob", "entropy", "margin"; classifier also "patience" and "gate"
+    threshold: float = EXIT_THRESHOLD  # leave once the confidence passes this (entropy: falls to it), policy's units
+    thresholds: tuple[float, ...] = ()  # classifier: one per exit (num_stages - 1 values); overrides `threshold`
+    prune_threshold: float = 0.0  # stop refining, but keep, what is unlikely to get better; 0 disables. Detector:
+    #                               a RoI whose best class probability is below this (box, score and mask from the
+    #                               stages it went through); classifier "gate": P(a later exit is right) < this
+    background_threshold: float = 0.0  # detector: a RoI is dropped once P(background) >= this; 0 disables
+    time_budget_ms: float = 0.0  # detector, anytime inference: past this the cascade stops at the current stage
+    patience: int = 2  # classifier "patience": exit once this many consecutive exits agree
+    gate_hidden: int = 32  # classifier "gate": hidden width of each exit's gate
+    gate_use_features: bool = True  # classifier "gate": it sees the stage's pooled feature map as well as the logits
 
     @property
     def enabled(self) -> bool:
-        """Whether any of it is switched on."""
+        """Whether a detector's region exit asks for anything beyond the plain cascade."""
         return (self.policy != "none" or self.background_threshold > 0 or self.prune_threshold > 0
                 or self.time_budget_ms > 0)
+
+
+@dataclass
+class SamplerConfig:
+    """Training: how a RoI head picks the proposals it learns from (IoU assignment, then random sampling)."""
+    num_samples: int = 512  # sampled RoIs per image
+    pos_fraction: float = 0.25
+    add_gt_as_proposals: bool = True
+    match_low_quality: bool = True  # a gt box with no proposal above the IoU threshold still gets its best one
+
+
+@dataclass
+class BoxHeadConfig:
+    """Each stage's box head: shared fully connected layers on RoIAlign features, class logits and box deltas."""
+    roi_size: int = 7
+    num_fcs: int = 2
+    fc_channels: int = 1024
+    reg_class_agnostic: bool = False
+    loss_bbox: str = "l1"  # "l1" or "smooth_l1"
+    smooth_l1_beta: float = 1.0
+
+
+@dataclass
+class MaskHeadConfig:
+    """Each stage's FCN mask head."""
+    roi_size: int = 14
+    num_convs: int = 4
+    conv_channels: int = 256
+    size: int = 28  # mask target / logit resolution
+
+
+@dataclass
+class RoITestConfig:
+    """Test time: per-class NMS, the detections kept, and the masks' form."""
+    score_thr: float = 0.05
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+    mask_thr: float = 0.5
+    mask_output: str = "full"  # "full": (N, H, W) bool `masks`; "probs": (N, 28, 28) `mask_probs`, pasted later
+    mask_ensemble: str = "mean"  # cascades: "mean" of the stages' sigmoid masks, or the "last" stage's
+
+
+@dataclass
+class HTCConfig:
+    """Hybrid Task Cascade's three ideas on top of Cascade Mask R-CNN; read only when `roi_head.type` is "htc"
+    (setting them for another head is an error)."""
+    interleaved: bool | None = None  # None: on for HTC
+    mask_info_flow: bool | None = None  # None: on for HTC
+    with_semantic: bool = False
+    semantic_num_classes: int = 183
+    semantic_loss_weight: float = 0.2
+    semantic_loss_avg_non_ignore: bool = False  # CE summed / all pixels (MMDetection v3); True: / labelled ones
+    semantic_fusion_level: int = 1
 
 
 @dataclass
@@ -100,36 +170,13 @@ class RoIHeadConfig:
     iou_thresholds: tuple[float, ...] = (0.5,)  # per stage: pos = neg = min_pos IoU
     stage_loss_weights: tuple[float, ...] = (1.0,)
     bbox_stds: tuple[tuple[float, float, float, float], ...] = ((0.1, 0.1, 0.2, 0.2),)
-    reg_class_agnostic: bool = False
-    match_low_quality: bool = True
-    num_samples: int = 512  # sampled RoIs per image
-    pos_fraction: float = 0.25
-    add_gt_as_proposals: bool = True
-    finest_scale: int = 56  # FPN level mapping
-    roi_size: int = 7
-    num_fcs: int = 2
-    fc_channels: int = 1024
-    loss_bbox: str = "l1"  # "l1" or "smooth_l1"
-    smooth_l1_beta: float = 1.0
+    finest_scale: int = 56  # FPN level mapping of RoIs (box and mask)
     with_mask: bool = True
-    mask_roi_size: int = 14
-    mask_num_convs: int = 4
-    mask_conv_channels: int = 256
-    mask_size: int = 28  # mask target / logit resolution
-    score_thr: float = 0.05
-    nms_iou: float = 0.5
-    max_per_img: int = 100
-    mask_thr: float = 0.5
-    mask_output: str = "full"  # "full": (N, H, W) bool `masks`; "probs": (N, 28, 28) `mask_probs`, pasted later
-    # HTC only
-    interleaved: bool = True
-    mask_info_flow: bool = True
-    with_semantic: bool = False
-    semantic_num_classes: int = 183
-    semantic_loss_weight: float = 0.2
-    semantic_loss_avg_non_ignore: bool = False  # CE summed / all pixels (MMDetection v3); True: / labelled ones
-    semantic_fusion_level: int = 1
-    mask_ensemble: str = "mean"  # "mean" of all stages' sigmoid masks, or "last"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    test: RoITestConfig = field(default_factory=RoITestConfig)
+    htc: HTCConfig = field(default_factory=HTCConfig)
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
 
 
@@ -232,7 +279,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must have {len(args)} values, got {list(value)!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if origin in (typing.Union, types.UnionType):
-        return value
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or len(args) != 1:
+            return value
+        return _coerce(value, args[0], key)  # `X | None`: null or an X
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -265,10 +315,65 @@ def _parse_number(value: Any) -> Any:
     return value
 
 
-def update(cfg: Any, values: dict, prefix: str = "") -> Any:
-    """Return a copy of dataclass `cfg` with `values` (a nested dict) applied, checking every key."""
+# Old spellings, per section: old key -> its new place (dotted, inside the same section). An old key in a
+# user's YAML, `--set` or `build_model(**overrides)` is moved with a DeprecationWarning; in a config stored in a
+# checkpoint (`update(..., stored=True)`) silently. A section defined above this leaf registers its own renames.
+RENAMED: dict[type, dict[str, str]] = {
+    RoIHeadConfig: {
+        **{k: f"sampler.{k}" for k in ("num_samples", "pos_fraction", "add_gt_as_proposals", "match_low_quality")},
+        **{k: f"box_head.{k}" for k in ("roi_size", "num_fcs", "fc_channels", "reg_class_agnostic", "loss_bbox",
+                                        "smooth_l1_beta")},
+        "mask_roi_size": "mask_head.roi_size", "mask_num_convs": "mask_head.num_convs",
+        "mask_conv_channels": "mask_head.conv_channels", "mask_size": "mask_head.size",
+        **{k: f"test.{k}" for k in ("score_thr", "nms_iou", "max_per_img", "mask_thr", "mask_output",
+                                    "mask_ensemble")},
+        **{k: f"htc.{k}" for k in ("interleaved", "mask_info_flow", "with_semantic", "semantic_num_classes",
+                                   "semantic_loss_weight", "semantic_loss_avg_non_ignore", "semantic_fusion_level")},
+    },
+    EarlyExitConfig: {"kind": "policy"},
+}
+
+
+def _renamed(cls: type, values: dict, prefix: str, warn: bool, stored: bool) -> tuple[dict, set[str]]:
+    """`values` with the old spellings of section `cls` moved to their new places, and the keys moved."""
+    table = RENAMED.get(cls, {})
+    if not any(key in table for key in values):
+        return values, set()
+    out = {k: v for k, v in values.items() if k not in table}
+    for old, value in values.items():
+        if old not in table:
+            continue
+        if warn:
+            warnings.warn(f"{prefix}{old} is now {prefix}{table[old]}", DeprecationWarning, stacklevel=3)
+        *sections, leaf = table[old].split(".")
+        node = out
+        for section in sections:
+            inner = node.get(section, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"config key '{prefix}{section}' is a section; give it a mapping, got {inner!r}")
+            node[section] = node = dict(inner)  # a copy: the caller's dicts are left as they were
+        if leaf in node and not stored:
+            raise ConfigError(f"{prefix}{old} and {prefix}{table[old]} are the same key (old and new spelling); "
+                              f"give it once")
+        if old in ("interleaved", "mask_info_flow") and value is True:
+            value = None  # the old default True meant "on for HTC heads" (other heads ignored it): that is None
+        node.setdefault(leaf, value)  # a stored config never has both; if it had, the new spelling wins
+    return out, {table[old].split(".")[0] for old in values if old in table}
+
+
+def update(cfg: Any, values: dict, prefix: str = "", *, stored: bool = False) -> Any:
+    """Return a copy of dataclass `cfg` with `values` (a nested dict) applied, checking every key.
+
+    Old spellings (`RENAMED`) are accepted with a DeprecationWarning, or silently when `stored` (a config read
+    back from a checkpoint, which the user did not write).
+    """
+    return _update(cfg, values, prefix, stored, warn=not stored)
+
+
+def _update(cfg: Any, values: dict, prefix: str, stored: bool, warn: bool) -> Any:
     types_ = _field_types(type(cfg))
     changes = {}
+    values, moved = _renamed(type(cfg), values, prefix, warn, stored)
     for key, value in values.items():
         if key not in types_:
             valid = ", ".join(sorted(types_))
@@ -277,10 +382,16 @@ def update(cfg: Any, values: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{prefix}{key}' is a section; give it a mapping, got {value!r}")
-            changes[key] = update(current, value, prefix=f"{prefix}{key}.")
+            # a whole section under its old name was warned about once: not its old keys inside again
+            changes[key] = _update(current, value, f"{prefix}{key}.", stored, warn and key not in moved)
         else:
             changes[key] = _coerce(value, types_[key], prefix + key)
-    return dataclasses.replace(cfg, **changes)
+    out = dataclasses.replace(cfg, **changes)
+    if stored and isinstance(out, RoIHeadConfig) and out.type != "htc":
+        # checkpoints from before the htc section stored its switches (then ignored) for every head
+        out = dataclasses.replace(out, htc=dataclasses.replace(out.htc, interleaved=None, mask_info_flow=None,
+                                                               with_semantic=False))
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -330,7 +441,8 @@ def __getattr__(name: str):
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
-    return update(ModelConfig(), values)
+    """The ModelConfig a checkpoint stored (`to_dict` of it, in this or an older layout)."""
+    return update(ModelConfig(), values, stored=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -361,7 +473,8 @@ _LOSS_BBOX = _one_of("l1", "smooth_l1")
 RESNET_DEPTHS = (18, 34, 50, 101, 152)  # cascadevision.models.backbone.ARCH
 EFFICIENTVIT_TYPES = tuple(f"efficientvit_m{i}" for i in range(6))  # cascadevision.models.efficientvit
 
-# per section: field -> (holds(value), what it must be); a tuple field's rule applies to each of its values
+# per section: field -> (holds(value), what it must be); a tuple field's rule applies to each of its values, and
+# a dotted name ("early_exit.policy") is the rule of a subsection's field in this place, instead of its own
 _RULES: dict[type, dict[str, tuple]] = {
     InputConfig: {"scale": _COUNT, "std": _above(0), "size_divisor": _COUNT},
     BackboneConfig: {"type": _one_of("resnet", *EFFICIENTVIT_TYPES), "base_channels": _COUNT,
@@ -372,18 +485,19 @@ _RULES: dict[type, dict[str, tuple]] = {
                 "num_samples": _COUNT, "pos_fraction": _PROBABILITY, "loss_bbox": _LOSS_BBOX,
                 "smooth_l1_beta": _above(0), "nms_iou": _IOU, "train_pre_nms": _COUNT, "train_post_nms": _COUNT,
                 "test_pre_nms": _COUNT, "test_post_nms": _COUNT, "min_box_size": _SIZE},
-    EarlyExitConfig: {"policy": _one_of(*REGION_POLICIES), "threshold": _PROBABILITY,
-                      "background_threshold": _PROBABILITY, "prune_threshold": _PROBABILITY,
-                      "time_budget_ms": _SIZE},
+    EarlyExitConfig: {"policy": _one_of(*POLICY_NAMES), "threshold": _PROBABILITY, "prune_threshold": _PROBABILITY,
+                      "background_threshold": _PROBABILITY, "time_budget_ms": _SIZE, "patience": _COUNT,
+                      "gate_hidden": _COUNT},
+    SamplerConfig: {"num_samples": _COUNT, "pos_fraction": _PROBABILITY},
+    BoxHeadConfig: {"roi_size": _COUNT, "num_fcs": _SIZE, "fc_channels": _COUNT, "loss_bbox": _LOSS_BBOX,
+                    "smooth_l1_beta": _above(0)},
+    MaskHeadConfig: {"roi_size": _COUNT, "num_convs": _SIZE, "conv_channels": _COUNT, "size": _COUNT},
+    RoITestConfig: {"score_thr": _PROBABILITY, "nms_iou": _IOU, "max_per_img": _COUNT, "mask_thr": _PROBABILITY,
+                    "mask_output": _one_of("full", "probs"), "mask_ensemble": _one_of("mean", "last")},
+    HTCConfig: {"semantic_num_classes": _COUNT, "semantic_loss_weight": _at_least(0), "semantic_fusion_level": _SIZE},
     RoIHeadConfig: {"type": _one_of("standard", "cascade", "htc"), "num_stages": _COUNT, "iou_thresholds": _IOU,
-                    "stage_loss_weights": _at_least(0), "bbox_stds": _above(0), "num_samples": _COUNT,
-                    "pos_fraction": _PROBABILITY, "finest_scale": _COUNT, "roi_size": _COUNT, "num_fcs": _SIZE,
-                    "fc_channels": _COUNT, "loss_bbox": _LOSS_BBOX, "smooth_l1_beta": _above(0),
-                    "mask_roi_size": _COUNT, "mask_num_convs": _SIZE, "mask_conv_channels": _COUNT,
-                    "mask_size": _COUNT, "score_thr": _PROBABILITY, "nms_iou": _IOU, "max_per_img": _COUNT,
-                    "mask_thr": _PROBABILITY, "semantic_num_classes": _COUNT, "semantic_loss_weight": _at_least(0),
-                    "semantic_fusion_level": _SIZE, "mask_ensemble": _one_of("mean", "last"),
-                    "mask_output": _one_of("full", "probs")},
+                    "stage_loss_weights": _at_least(0), "bbox_stds": _above(0), "finest_scale": _COUNT,
+                    "early_exit.policy": _one_of(*REGION_POLICIES)},  # a cascade takes the region policies only
     ModelConfig: {"num_classes": _COUNT},
     DataConfig: {"batch_size": _COUNT, "num_workers": _SIZE, "flip_prob": _PROBABILITY, "min_size": _SIZE},
     TrainConfig: {"epochs": _SIZE, "max_iters": _SIZE, "optimizer": _one_of("sgd", "adamw"), "lr": _above(0),
@@ -416,6 +530,11 @@ def _check_roi_head(cfg: RoIHeadConfig, prefix: str) -> None:
         if len(getattr(cfg, name)) != cfg.num_stages:
             raise ConfigError(f"{prefix}{name} needs {cfg.num_stages} entries (one per stage, "
                               f"{prefix}num_stages), got {len(getattr(cfg, name))}")
+    if cfg.type != "htc":  # switching an HTC idea on for another head would be silently ignored
+        for name in ("interleaved", "mask_info_flow", "with_semantic"):
+            if getattr(cfg.htc, name):
+                raise ConfigError(f"{prefix}htc.{name} is for HTC heads only ({prefix}type: htc), and this head is "
+                                  f"'{cfg.type}'")
 
 
 def _check_model(cfg: ModelConfig, prefix: str) -> None:
@@ -425,9 +544,10 @@ def _check_model(cfg: ModelConfig, prefix: str) -> None:
     if len(cfg.rpn.anchor_strides) != cfg.neck.num_outs:
         raise ConfigError(f"{prefix}rpn.anchor_strides has {len(cfg.rpn.anchor_strides)} levels but "
                           f"{prefix}neck.num_outs is {cfg.neck.num_outs}")
-    if cfg.roi_head.with_semantic and cfg.roi_head.semantic_fusion_level >= cfg.neck.num_outs:
-        raise ConfigError(f"{prefix}roi_head.semantic_fusion_level must be a neck level below "
-                          f"{prefix}neck.num_outs ({cfg.neck.num_outs}), got {cfg.roi_head.semantic_fusion_level}")
+    htc = cfg.roi_head.htc
+    if htc.with_semantic and htc.semantic_fusion_level >= cfg.neck.num_outs:
+        raise ConfigError(f"{prefix}roi_head.htc.semantic_fusion_level must be a neck level below "
+                          f"{prefix}neck.num_outs ({cfg.neck.num_outs}), got {htc.semantic_fusion_level}")
 
 
 def _check_train(cfg: TrainConfig, prefix: str) -> None:
@@ -447,24 +567,27 @@ def _values(value: Any) -> list:
     return [value]
 
 
-def validate(cfg: Any, prefix: str = "") -> None:
+def validate(cfg: Any, prefix: str = "", rules: dict | None = None) -> None:
     """Raise a one-line ConfigError naming the key of the first value out of range, unknown choice or
     inconsistency between keys; return None if the config is fine.
 
     Takes a whole `Config` or any section of it, or another config made of these sections (the segmentation
     config): `prefix` is the section's place, e.g. `validate(model_cfg, "model.")`. Every float must be finite.
+    `rules` (field -> rule) replace the section's own rules of those fields (the parent's dotted rules).
     """
+    rules = {**_RULES.get(type(cfg), {}), **(rules or {})}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = prefix + f.name
         if dataclasses.is_dataclass(value):
-            validate(value, key + ".")
+            inner = {name.split(".", 1)[1]: rule for name, rule in rules.items() if name.startswith(f.name + ".")}
+            validate(value, key + ".", inner)
             continue
         shown = list(value) if isinstance(value, tuple) else value
         scalars = _values(value)
         if any(isinstance(v, float) and not math.isfinite(v) for v in scalars):
             raise ConfigError(f"{key} must be a finite number, got {shown!r}")
-        rule = _RULES.get(type(cfg), {}).get(f.name)
+        rule = rules.get(f.name)
         if rule and not all(rule[0](v) for v in scalars):
             each = " (each value)" if isinstance(value, tuple) else ""
             raise ConfigError(f"{key}{each} must be {rule[1]}, got {shown!r}")

@@ -33,7 +33,8 @@ def demo_config(data_dir: Path, preset: str, max_iters: int, seed: int = 0) -> C
             "backbone": {"base_channels": 32},
             "neck": {"out_channels": 64},
             "rpn": {"feat_channels": 64},
-            "roi_head": {"fc_channels": 256, "mask_conv_channels": 64, "num_samples": 96},
+            "roi_head": {"box_head": {"fc_channels": 256}, "mask_head": {"conv_channels": 64},
+                         "sampler": {"num_samples": 96}},
         },
         "data": {
             "train_ann": str(data_dir / "annotations" / "instances_train.json"),
@@ -67,9 +68,9 @@ def run_demo(out: str | Path = "demo_out", *, num_images: int | None = None, max
     results = {}
     for step, name in enumerate(models, start=2):
         cfg = demo_config(data_dir, name, max_iters or DEMO_ITERS, seed)
-        if cfg.model.roi_head.with_semantic:
+        if cfg.model.roi_head.htc.with_semantic:
             cfg = update(cfg, {"data": {"train_semantic": paths["train_semantic"]},
-                               "model": {"roi_head": {"semantic_num_classes": num_semantic}}})
+                               "model": {"roi_head": {"htc": {"semantic_num_classes": num_semantic}}}})
         run_dir = out / name
         print(f"[{step}/{steps}] training {name} for {cfg.train.max_iters} iterations -> {run_dir}")
         began = time.time()

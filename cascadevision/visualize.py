@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_util
 
+from .config import PREDICT_SCORE_THR
 from .ops import iter_pasted_masks
 
 
@@ -21,8 +22,8 @@ def class_color(label: int) -> tuple[int, int, int]:
     return round(r * 255), round(g * 255), round(b * 255)
 
 
-def draw_predictions(image, prediction: dict, class_names: Sequence[str] | None = None, score_thr: float = 0.3,
-                     *, mask_alpha: float = 0.45) -> Image.Image:
+def draw_predictions(image, prediction: dict, class_names: Sequence[str] | None = None,
+                     score_thr: float = PREDICT_SCORE_THR, *, mask_alpha: float = 0.45) -> Image.Image:
     """The detections of `prediction` scoring >= `score_thr`, drawn on a copy of `image`.
 
     `image`: a uint8 tensor (3, H, W), a float tensor (3, H, W) in [0, 1], or a PIL image. `prediction`: a model

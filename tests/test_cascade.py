@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascadevision.config import EarlyExitConfig
+from cascadevision.config import EarlyExitConfig, update
 from cascadevision.early_exit.detection import (
     RegionExitPolicy,
     exit_policy_for_head,
@@ -21,11 +21,14 @@ from cascadevision.ops import multi_scale_roi_align, roi_align
 CHANNELS = 8
 
 
-def make_head(**changes) -> CascadeRoIHead:
-    base = preset_config("htc_r50_fpn_1x").roi_head
-    changes = {"fc_channels": 16, "mask_conv_channels": CHANNELS, "semantic_num_classes": 4,
-               "add_gt_as_proposals": False, "num_samples": 64, **changes}
-    cfg = dataclasses.replace(base, **changes)
+SMALL = {"box_head": {"fc_channels": 16}, "mask_head": {"conv_channels": CHANNELS}, "htc": {"semantic_num_classes": 4},
+         "sampler": {"add_gt_as_proposals": False, "num_samples": 64}}
+
+
+def make_head(semantic: bool = False, **changes) -> CascadeRoIHead:
+    """HTC's head at toy width; `changes` are `model.roi_head` values (nested dicts for its sections)."""
+    cfg = update(update(preset_config("htc_r50_fpn_1x").roi_head, SMALL), {"htc": {"with_semantic": semantic}})
+    cfg = update(cfg, changes)
     torch.manual_seed(0)
     return CascadeRoIHead(cfg, num_classes=3, in_channels=CHANNELS)
 
@@ -51,7 +54,7 @@ def zero_regression(head):
 
 
 def test_each_stage_labels_at_its_own_iou():
-    head = make_head(with_semantic=False, with_mask=False)
+    head = make_head(with_mask=False)
     zero_regression(head)  # refined boxes == input boxes, so only the thresholds change between stages
     # IoU with the gt (0,0,40,40): 0.4, 0.55, 0.65, 0.75
     proposals = torch.tensor([[0.0, 0, 40, 16], [0.0, 0, 40, 22], [0.0, 0, 40, 26], [0.0, 0, 40, 30]])
@@ -71,7 +74,7 @@ def test_each_stage_labels_at_its_own_iou():
 
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_interleaved_masks_train_on_refined_boxes(interleaved):
-    head = make_head(with_semantic=False, interleaved=interleaved)
+    head = make_head(htc={"interleaved": interleaved})
     zero_regression(head)
     # stage 1 moves every box right by 0.1 * width: dx = 1 with stds 0.1
     torch.nn.init.constant_(head.bbox_head[0].fc_reg.bias[:1], 1.0)
@@ -90,7 +93,7 @@ def test_interleaved_masks_train_on_refined_boxes(interleaved):
 
 @pytest.mark.parametrize("info_flow", [True, False])
 def test_mask_information_flow(info_flow):
-    head = make_head(with_semantic=False, mask_info_flow=info_flow).eval()
+    head = make_head(htc={"mask_info_flow": info_flow}).eval()
     mask_feats = torch.randn(2, CHANNELS, 14, 14)
     before = head._mask_logits(2, mask_feats)[-1]
     with torch.no_grad():
@@ -101,7 +104,7 @@ def test_mask_information_flow(info_flow):
 
 
 def test_semantic_fusion_adds_pooled_semantic_features():
-    head = make_head(with_semantic=True).eval()
+    head = make_head(semantic=True).eval()
     feats = features()
     rois = torch.tensor([[0.0, 4, 4, 30, 36]])
     _, semantic_feat = head.semantic_head(feats)
@@ -117,7 +120,7 @@ def test_semantic_fusion_adds_pooled_semantic_features():
 
 
 def test_semantic_loss_and_label_range():
-    head = make_head(with_semantic=True)
+    head = make_head(semantic=True)
     proposals = [torch.tensor([[0.0, 0, 40, 30]])]
     losses = head.loss(features(), proposals, [(64, 64)], [target()], [(1.0, 1.0)])
     assert torch.isfinite(losses["loss_semantic_seg"]) and losses["loss_semantic_seg"] > 0
@@ -129,7 +132,7 @@ def test_semantic_loss_and_label_range():
 
 
 def test_scores_average_logits_before_softmax():
-    head = make_head(with_semantic=False, with_mask=False, score_thr=0.0).eval()
+    head = make_head(with_mask=False, test={"score_thr": 0.0}).eval()
     zero_regression(head)
     stage_logits = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 0, 8.0]])
     for bbox_head, logits in zip(head.bbox_head, stage_logits):
@@ -145,21 +148,36 @@ def test_scores_average_logits_before_softmax():
     torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0, 40, 40]]).expand(3, 4))
 
 
+@pytest.mark.parametrize("info_flow", [False, True])
 @pytest.mark.parametrize("ensemble", ["mean", "last"])
-def test_mask_ensemble(ensemble):
-    head = make_head(with_semantic=False, mask_ensemble=ensemble, score_thr=0.0, max_per_img=1).eval()
+def test_mask_ensemble(ensemble, info_flow):
+    head = make_head(htc={"mask_info_flow": info_flow}, test={"mask_ensemble": ensemble, "score_thr": 0.0,
+                                                              "max_per_img": 1}).eval()
     feats = features()
     detections = head.predict(feats, [torch.tensor([[0.0, 0, 40, 40]])], [(64, 64)])
-    label = detections[0]["labels"]
-    mask_feats = head._roi_features(feats, torch.cat([torch.zeros(1, 1), detections[0]["boxes"]], 1), 14, None)
-    probs = torch.stack([logits[0, label[0]].sigmoid() for logits in head._mask_logits(2, mask_feats)])
-    expected = probs.mean(0) if ensemble == "mean" else probs[-1]
+    box, label = detections[0]["boxes"], int(detections[0]["labels"][0])
+    # the reference, written out: RoIAlign of the detection's box from P2..P5 at 14x14, then each stage's mask
+    # head on it; with information flow (HTC eq. 5) stage t also gets stage t-1's last conv feature through
+    # its 1x1 conv_res, added to the RoI feature
+    with torch.no_grad():
+        roi_feat = multi_scale_roi_align(feats[:4], torch.cat([torch.zeros(1, 1), box], 1), 14, (4, 8, 16, 32),
+                                         finest_scale=56, sampling_ratio=0, aligned=True)
+        probs, previous = [], None
+        for mask_head in head.mask_head:
+            x = roi_feat if previous is None else roi_feat + mask_head.conv_res(previous)
+            for conv in mask_head.convs:
+                x = conv(x)
+            logits = mask_head.conv_logits(F.relu(mask_head.upsample(x)))  # (1, 3, 28, 28)
+            probs.append(logits[0, label].sigmoid())
+            previous = x if info_flow else None
+    assert (head.mask_head[1].conv_res is not None) == info_flow
+    expected = torch.stack(probs).mean(0) if ensemble == "mean" else probs[-1]
     torch.testing.assert_close(detections[0]["mask_probs"][0], expected)
 
 
 def test_cascade_mask_rcnn_is_htc_with_switches_off():
     cfg = preset_config("cascade_mask_rcnn_r50_fpn_1x").roi_head
-    head = CascadeRoIHead(dataclasses.replace(cfg, fc_channels=16, mask_conv_channels=CHANNELS), 3, CHANNELS)
+    head = CascadeRoIHead(update(cfg, SMALL), 3, CHANNELS)
     assert not head.interleaved and not head.mask_info_flow and head.semantic_head is None
     assert all(m.conv_res is None for m in head.mask_head)
     assert [a.pos_iou for a in head.assigners] == [0.5, 0.6, 0.7]
@@ -167,7 +185,7 @@ def test_cascade_mask_rcnn_is_htc_with_switches_off():
 
 
 def exit_head(policy="max_prob", threshold=0.9, background=0.0, prune=0.0):
-    head = make_head(with_semantic=False, score_thr=0.0)
+    head = make_head(test={"score_thr": 0.0})
     head.exit_policy = exit_policy_for_head(head, EarlyExitConfig(
         policy=policy, threshold=threshold, background_threshold=background, prune_threshold=prune))
     zero_regression(head)
@@ -249,7 +267,7 @@ def test_exit_summary_counts_roi_head_compute():
 
 
 def test_info_flow_with_narrower_mask_convs():
-    head = make_head(with_semantic=False, mask_conv_channels=4).eval()
+    head = make_head(mask_head={"conv_channels": 4}).eval()
     logits = head._mask_logits(2, torch.randn(2, CHANNELS, 14, 14))
     assert [tuple(l.shape) for l in logits] == [(2, 3, 28, 28)] * 3
     assert head.mask_head[1].conv_res.conv.weight.shape == (CHANNELS, 4, 1, 1)

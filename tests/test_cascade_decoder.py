@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cascadevision.models.cascade_decoder import (
-    AttentionGate, CascadeDecoder, ChannelAttention, FPNDecoder, SegInputConfig, SegLossConfig, Segmenter,
-    SpatialAttention, cross_entropy_loss, dice_loss, mutation_loss, stage_losses)
+    AttentionGate, CascadeDecoder, ChannelAttention, FPNDecoder, SegInputConfig, SegLossConfig, SpatialAttention)
+from cascadevision.segmentation.model import Segmenter, cross_entropy_loss, dice_loss, mutation_loss, stage_losses
 
 torch.set_num_threads(1)
 

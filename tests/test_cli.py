@@ -9,7 +9,7 @@ from cascadevision.cli import main
 TINY = [
     "--set", "model.input.scale=[96,96]", "--set", "model.backbone.base_channels=8",
     "--set", "model.neck.out_channels=16", "--set", "model.rpn.feat_channels=16",
-    "--set", "model.roi_head.fc_channels=32", "--set", "model.roi_head.mask_conv_channels=16",
+    "--set", "model.roi_head.box_head.fc_channels=32", "--set", "model.roi_head.mask_head.conv_channels=16",
     "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "train.warmup_iters=2",
     "--set", "train.checkpoint_interval=2", "--set", "train.log_interval=1",
 ]

@@ -17,11 +17,11 @@ def test_scientific_notation_from_overrides_is_a_number():
 
 def test_scientific_notation_in_a_yaml_file_is_a_number(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("model:\n  preset: mask_rcnn_r18_fpn\n  roi_head:\n    score_thr: 1.0e-3\n"
+    path.write_text("model:\n  preset: mask_rcnn_r18_fpn\n  roi_head:\n    test:\n      score_thr: 1.0e-3\n"
                     "train:\n  lr: 1e-4\n  weight_decay: 5.0e-2\n  max_iters: 1e3\n")
     cfg = load_config(path)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 0.0001
-    assert cfg.train.weight_decay == 0.05 and cfg.model.roi_head.score_thr == 0.001
+    assert cfg.train.weight_decay == 0.05 and cfg.model.roi_head.test.score_thr == 0.001
     assert cfg.train.max_iters == 1000
 
 
@@ -79,15 +79,34 @@ BAD_VALUES = [
     (["model.neck.num_outs=4"], "model.rpn.anchor_strides has 5 levels but model.neck.num_outs is 4"),
     (["model.roi_head.iou_thresholds=[0]"], "model.roi_head.iou_thresholds (each value) must be in (0, 1]"),
     (["model.roi_head.num_stages=3"], "model.roi_head.iou_thresholds needs 3 entries"),
-    (["model.roi_head.score_thr=1.5"], "model.roi_head.score_thr must be in [0, 1]"),
-    (["model.roi_head.mask_thr=-0.5"], "model.roi_head.mask_thr must be in [0, 1]"),
-    (["model.roi_head.max_per_img=0"], "model.roi_head.max_per_img must be >= 1"),
+    (["model.roi_head.test.score_thr=1.5"], "model.roi_head.test.score_thr must be in [0, 1]"),
+    (["model.roi_head.test.mask_thr=-0.5"], "model.roi_head.test.mask_thr must be in [0, 1]"),
+    (["model.roi_head.test.max_per_img=0"], "model.roi_head.test.max_per_img must be >= 1"),
+    (["model.roi_head.test.nms_iou=0"], "model.roi_head.test.nms_iou must be in (0, 1]"),
     (["model.roi_head.type=two_stage"], "model.roi_head.type must be one of standard, cascade, htc"),
-    (["model.roi_head.mask_ensemble=max"], "model.roi_head.mask_ensemble must be one of mean, last"),
+    (["model.roi_head.test.mask_ensemble=max"], "model.roi_head.test.mask_ensemble must be one of mean, last"),
+    (["model.roi_head.test.mask_output=rle"], "model.roi_head.test.mask_output must be one of full, probs"),
+    (["model.roi_head.sampler.num_samples=0"], "model.roi_head.sampler.num_samples must be >= 1"),
+    (["model.roi_head.sampler.pos_fraction=2"], "model.roi_head.sampler.pos_fraction must be in [0, 1]"),
+    (["model.roi_head.box_head.loss_bbox=l2"], "model.roi_head.box_head.loss_bbox must be one of l1, smooth_l1"),
+    (["model.roi_head.box_head.fc_channels=0"], "model.roi_head.box_head.fc_channels must be >= 1"),
+    (["model.roi_head.mask_head.num_convs=-1"], "model.roi_head.mask_head.num_convs must be >= 0"),
+    (["model.roi_head.mask_head.size=0"], "model.roi_head.mask_head.size must be >= 1"),
+    (["model.roi_head.htc.semantic_loss_weight=-1"], "model.roi_head.htc.semantic_loss_weight must be >= 0"),
+    (["model.preset=htc_r18_fpn", "model.roi_head.htc.semantic_fusion_level=5"],
+     "model.roi_head.htc.semantic_fusion_level must be a neck level below model.neck.num_outs (5), got 5"),
+    (["model.preset=cascade_mask_rcnn_r18_fpn", "model.roi_head.htc.interleaved=true"],
+     "model.roi_head.htc.interleaved is for HTC heads only (model.roi_head.type: htc), and this head is 'cascade'"),
+    (["model.roi_head.htc.mask_info_flow=true"], "model.roi_head.htc.mask_info_flow is for HTC heads only"),
+    (["model.roi_head.htc.with_semantic=true"], "model.roi_head.htc.with_semantic is for HTC heads only"),
     (["model.roi_head.early_exit.policy=confidence"],
      "model.roi_head.early_exit.policy must be one of none, max_prob, entropy, margin"),
     (["model.roi_head.early_exit.threshold=1.5"], "model.roi_head.early_exit.threshold must be in [0, 1]"),
     (["model.roi_head.early_exit.time_budget_ms=-1"], "model.roi_head.early_exit.time_budget_ms must be >= 0"),
+    (["model.roi_head.early_exit.policy=patience"],  # a classifier's policy, not a region's
+     "model.roi_head.early_exit.policy must be one of none, max_prob, entropy, margin"),
+    (["model.roi_head.early_exit.background_threshold=2"],
+     "model.roi_head.early_exit.background_threshold must be in [0, 1]"),
 ]
 
 
@@ -111,3 +130,22 @@ def test_validate_takes_a_section_with_its_place():
     validate(DataConfig())
     with pytest.raises(ConfigError, match="data.num_workers must be >= 0, got -3"):
         validate(DataConfig(num_workers=-3), "data.")
+
+
+# the old flat spellings of model.roi_head (before the sampler / box_head / mask_head / test / htc sections)
+OLD_SPELLINGS = [
+    (["model.roi_head.score_thr=1.5"], "model.roi_head.test.score_thr must be in [0, 1]"),
+    (["model.roi_head.mask_ensemble=max"], "model.roi_head.test.mask_ensemble must be one of mean, last"),
+    (["model.roi_head.mask_num_convs=-1"], "model.roi_head.mask_head.num_convs must be >= 0"),
+    (["model.roi_head.loss_bbox=l2"], "model.roi_head.box_head.loss_bbox must be one of l1, smooth_l1"),
+    (["model.roi_head.num_samples=0"], "model.roi_head.sampler.num_samples must be >= 1"),
+    (["model.roi_head.with_semantic=true"], "model.roi_head.htc.with_semantic is for HTC heads only"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", OLD_SPELLINGS, ids=[o[0][0] for o in OLD_SPELLINGS])
+def test_an_old_spelling_is_read_with_a_warning_and_errors_name_the_new_key(overrides, message):
+    with pytest.warns(DeprecationWarning, match=r"model\.roi_head\.\w+ is now model\.roi_head\.\w+\.\w+"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -461,12 +461,12 @@ def test_digit_splits_are_fixed_disjoint_and_stratified():
 
 def test_presets_and_overrides():
     mobile = exits_config("mobile")
-    assert mobile.model.num_stages == 2 and mobile.policy.threshold == 0.85
+    assert mobile.model.num_stages == 2 and mobile.early_exit.threshold == 0.85
     cloud = exits_config("cloud")
-    assert cloud.model.num_stages == 4 and cloud.policy.threshold == 0.95
-    assert exits_config("batch").policy.kind == "none"
-    assert exits_config("mobile", ["policy.threshold=0.9", "model.num_stages=3"]).model.num_stages == 3
-    with pytest.raises(ConfigError, match="policy.treshold"):
-        exits_config("mobile", ["policy.treshold=0.9"])
+    assert cloud.model.num_stages == 4 and cloud.early_exit.threshold == 0.95
+    assert exits_config("batch").early_exit.policy == "none"
+    assert exits_config("mobile", ["early_exit.threshold=0.9", "model.num_stages=3"]).model.num_stages == 3
+    with pytest.raises(ConfigError, match="early_exit.treshold"):
+        exits_config("mobile", ["early_exit.treshold=0.9"])
     with pytest.raises(ConfigError, match="unknown early-exit preset"):
         exits_config("laptop")

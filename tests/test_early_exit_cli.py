@@ -55,7 +55,7 @@ def test_calibrate_evaluate_bench(checkpoint, tmp_path, capsys):
 
 def test_gate_and_patience_policies_from_the_command_line(checkpoint, tmp_path, capsys):
     assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "1", "--policy", "gate",
-                 "--set", "policy.prune_threshold=0.05", "--out", str(tmp_path / "gate.json")]) == 0
+                 "--set", "early_exit.prune_threshold=0.05", "--out", str(tmp_path / "gate.json")]) == 0
     assert main(["exits", "evaluate", str(checkpoint), "--thresholds", str(tmp_path / "gate.json"),
                  "--out", str(tmp_path / "gate")]) == 0
     assert json.loads((tmp_path / "gate" / "stats.json").read_text())["compact_matches_simulate"]
@@ -65,9 +65,9 @@ def test_gate_and_patience_policies_from_the_command_line(checkpoint, tmp_path, 
 
 
 def test_errors_are_one_line(checkpoint, tmp_path, capsys):
-    assert main(["exits", "train", "--out", str(tmp_path), "--set", "policy.treshold=0.9"]) == 2
+    assert main(["exits", "train", "--out", str(tmp_path), "--set", "early_exit.treshold=0.9"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown config key 'policy.treshold'") and err.count("\n") == 1
+    assert err.startswith("error: unknown config key 'early_exit.treshold'") and err.count("\n") == 1
     assert main(["exits", "evaluate", str(tmp_path / "missing.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["exits", "calibrate", str(checkpoint), "--max-drop", "0.5", "--set", "model.num_stages=2"]) == 2

@@ -99,14 +99,14 @@ def test_coco_results_from_probs_equal_those_from_masks(tiny_chunks):
 def detector_outputs():
     """A small random-weight Mask R-CNN, thresholds lowered so it returns masks, run in both output modes."""
     torch.manual_seed(0)
-    model = build_model("mask_rcnn_r18_fpn", num_classes=3, roi_head={"score_thr": 0.0, "max_per_img": 30}).eval()
+    model = build_model("mask_rcnn_r18_fpn", num_classes=3, roi_head={"test": {"score_thr": 0.0, "max_per_img": 30}}).eval()
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 90, 120, generator=generator), torch.rand(3, 70, 50, generator=generator)]
     with torch.no_grad():
         full = model(images)
-        model.cfg.roi_head.mask_output = "probs"
+        model.cfg.roi_head.test.mask_output = "probs"
         probs = model(images)
-        model.cfg.roi_head.mask_output = "sideways"
+        model.cfg.roi_head.test.mask_output = "sideways"
         with pytest.raises(ConfigError, match="mask_output"):
             model(images)
     return images, full, probs

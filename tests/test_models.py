@@ -164,7 +164,7 @@ def test_train_step_gives_finite_losses_and_gradients_everywhere():
 
 def test_inference_output_contract():
     torch.manual_seed(0)
-    model = build_model("mask_rcnn_r18_fpn", num_classes=3, roi_head={"score_thr": 0.0}).eval()
+    model = build_model("mask_rcnn_r18_fpn", num_classes=3, roi_head={"test": {"score_thr": 0.0}}).eval()
     images = [torch.rand(3, 100, 150), torch.rand(3, 90, 60)]
     with torch.no_grad():
         out = model(images)

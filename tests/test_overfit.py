@@ -20,7 +20,8 @@ def test_tiny_htc_overfits_a_few_images(tmp_path):
         "model": {
             "num_classes": dataset.num_classes, "input": {"scale": [128, 128]},
             "backbone": {"base_channels": 16}, "neck": {"out_channels": 32}, "rpn": {"feat_channels": 32, "anchor_scales": [4]},
-            "roi_head": {"fc_channels": 128, "mask_conv_channels": 32, "num_samples": 64, "semantic_num_classes": 9},
+            "roi_head": {"box_head": {"fc_channels": 128}, "mask_head": {"conv_channels": 32},
+                         "sampler": {"num_samples": 64}, "htc": {"semantic_num_classes": 9}},
         },
         "data": {"batch_size": 4, "num_workers": 0, "flip_prob": 0.0},
         "train": {"max_iters": ITERS, "lr": 0.02, "warmup_iters": 30, "lr_steps": [int(ITERS * 0.8)],

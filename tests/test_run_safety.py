@@ -17,10 +17,10 @@ from cascadevision.models import build_from_config
 from cascadevision.models.presets import preset_config
 
 TINY_MODEL = {"input": {"scale": [64, 64]}, "backbone": {"base_channels": 8}, "neck": {"out_channels": 16},
-              "rpn": {"feat_channels": 16}, "roi_head": {"fc_channels": 32, "mask_conv_channels": 16}}
+              "rpn": {"feat_channels": 16}, "roi_head": {"box_head": {"fc_channels": 32}, "mask_head": {"conv_channels": 16}}}
 TINY = ["--set", "model.input.scale=[64,64]", "--set", "model.backbone.base_channels=8",
         "--set", "model.neck.out_channels=16", "--set", "model.rpn.feat_channels=16",
-        "--set", "model.roi_head.fc_channels=32", "--set", "model.roi_head.mask_conv_channels=16",
+        "--set", "model.roi_head.box_head.fc_channels=32", "--set", "model.roi_head.mask_head.conv_channels=16",
         "--set", "data.batch_size=2", "--set", "data.num_workers=0", "--set", "train.warmup_iters=1",
         "--set", "train.checkpoint_interval=1", "--set", "train.eval_at_end=false"]
 
@@ -297,7 +297,7 @@ def test_eval_of_a_cascade_checkpoint_with_and_without_early_exit(dataset, tmp_p
     save_checkpoint(ckpt, {"state_dict": model.state_dict(),
                            "meta": {"config": to_dict(cfg), "class_names": SHAPES[0], "cat_ids": SHAPES[1]}})
     args = ["eval", str(ckpt), "--ann", str(dataset / "annotations/instances_val.json"),
-            "--images", str(dataset / "images/val"), "--no-progress", "--set", "model.roi_head.score_thr=0.0"]
+            "--images", str(dataset / "images/val"), "--no-progress", "--set", "model.roi_head.test.score_thr=0.0"]
     assert main(args) == 0
     assert "RoI-head compute" not in capsys.readouterr().out  # no exit table unless asked for
     assert main(args + ["--early-exit", "max_prob", "--exit-threshold", "0.0001"]) == 0

@@ -1,12 +1,12 @@
 """HTC's semantic loss normalisation: MMDetection v3's CrossEntropyLoss(ignore_index=255) with its default
 avg_non_ignore=False divides the summed per-pixel loss by every pixel, ignored (255) and padding included;
 `semantic_loss_avg_non_ignore=True` divides by the labelled pixels only. Expectations are explicit pixel loops."""
-import dataclasses
 import math
 
 import pytest
 import torch
 
+from cascadevision.config import update
 from cascadevision.models.cascade import CascadeRoIHead, SemanticHead
 from cascadevision.models.presets import preset_config
 
@@ -68,10 +68,11 @@ def test_no_ignored_pixels_gives_the_same_loss_in_both_modes():
 def test_the_roi_head_loss_follows_the_config(avg_non_ignore):
     """Through CascadeRoIHead.loss: a 48x64 image padded to 64x64 (padding = 255), labels taken at stride 8."""
     channels = 8
-    cfg = dataclasses.replace(preset_config("htc_r50_fpn_1x").roi_head, fc_channels=16, mask_conv_channels=channels,
-                              semantic_num_classes=4, with_semantic=True, add_gt_as_proposals=False, num_samples=64,
-                              semantic_loss_avg_non_ignore=avg_non_ignore)
-    assert preset_config("htc_r50_fpn_1x").roi_head.semantic_loss_avg_non_ignore is False  # the reference default
+    cfg = update(preset_config("htc_r50_fpn_1x").roi_head, {
+        "box_head": {"fc_channels": 16}, "mask_head": {"conv_channels": channels},
+        "sampler": {"add_gt_as_proposals": False, "num_samples": 64},
+        "htc": {"semantic_num_classes": 4, "with_semantic": True, "semantic_loss_avg_non_ignore": avg_non_ignore}})
+    assert preset_config("htc_r50_fpn_1x").roi_head.htc.semantic_loss_avg_non_ignore is False  # the reference default
     torch.manual_seed(0)
     head = CascadeRoIHead(cfg, num_classes=3, in_channels=channels)
     features = [torch.randn(1, channels, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64)]

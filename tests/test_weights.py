@@ -48,10 +48,10 @@ def test_ddp_prefix_is_stripped(tmp_path):
 
 
 def test_finetune_reinitialises_class_layers_only(tmp_path):
-    source = small(num_classes=80, seed=1, roi_head={"semantic_num_classes": 183})
+    source = small(num_classes=80, seed=1, roi_head={"htc": {"semantic_num_classes": 183}})
     path = tmp_path / "coco.pth"
     torch.save({"state_dict": source.state_dict()}, path)
-    model = small(num_classes=3, seed=2, roi_head={"semantic_num_classes": 4})
+    model = small(num_classes=3, seed=2, roi_head={"htc": {"semantic_num_classes": 4}})
     init = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_weights(model, path)
     reinit = sorted(report["reinitialised"])
@@ -64,12 +64,12 @@ def test_finetune_reinitialises_class_layers_only(tmp_path):
         assert torch.equal(state[key], init[key])  # left at the fresh initialisation
     assert torch.equal(state["roi_head.bbox_head.0.fc_reg.weight"], source.state_dict()["roi_head.bbox_head.0.fc_reg.weight"])
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        load_weights(small(num_classes=3, seed=2, roi_head={"semantic_num_classes": 4}), path, strict_classes=True)
+        load_weights(small(num_classes=3, seed=2, roi_head={"htc": {"semantic_num_classes": 4}}), path, strict_classes=True)
 
 
 def test_other_mismatch_is_an_error(tmp_path):
     path = tmp_path / "wide.pth"
-    torch.save({"state_dict": small(seed=1, roi_head={"fc_channels": 64}).state_dict()}, path)
+    torch.save({"state_dict": small(seed=1, roi_head={"box_head": {"fc_channels": 64}}).state_dict()}, path)
     with pytest.raises(CheckpointError, match="shape mismatch for .*shared_fcs"):
         load_weights(small(), path)
     torch.save({"state_dict": build_model("mask_rcnn_r18_fpn", num_classes=3).state_dict()}, path)
@@ -147,7 +147,7 @@ def test_efficientvit_classifier_weights_load_into_detector_backbone(tmp_path):
     classifier = build_efficientvit("m0", num_classes=10)
     path = tmp_path / "efficientvit_m0.pth"
     torch.save({"model": classifier.state_dict()}, path)
-    detector = build_model("htc_efficientvit_m0_fpn", num_classes=3, roi_head={"semantic_num_classes": 4})
+    detector = build_model("htc_efficientvit_m0_fpn", num_classes=3, roi_head={"htc": {"semantic_num_classes": 4}})
     report = load_weights(detector, path)
     assert report["format"] == "efficientvit-classifier"
     own = detector.backbone.state_dict()

@@ -12,6 +12,7 @@ Files: `models.py` (containers, costs), `policies.py`, `execution.py` (simulate 
 """
 from .calibration import (Calibration, assign_exits, calibrate, calibrate_for_accuracy, calibrate_for_budget,
                           geometric_exit_distribution, quantile_thresholds, summarize_exits)
+from ..config import EarlyExitConfig
 from .config import ExitDataConfig, ExitModelConfig, ExitPolicyConfig, ExitRunConfig, ExitsConfig, ExitTrainConfig
 from .execution import ExitResult, anytime, compact, run_full, simulate
 from .models import ModelCascade, MultiExitModel, MultiExitResNet, StageCosts, build_exit_model, select
@@ -25,7 +26,7 @@ from .training import confidence_gate_weights, multi_exit_loss, sdn_weights, sub
 __all__ = [
     "Calibration", "assign_exits", "calibrate", "calibrate_for_accuracy", "calibrate_for_budget",
     "geometric_exit_distribution", "quantile_thresholds", "summarize_exits",
-    "ExitDataConfig", "ExitModelConfig", "ExitPolicyConfig", "ExitRunConfig", "ExitsConfig", "ExitTrainConfig",
+    "EarlyExitConfig", "ExitDataConfig", "ExitModelConfig", "ExitPolicyConfig", "ExitRunConfig", "ExitsConfig", "ExitTrainConfig",
     "ExitResult", "anytime", "compact", "run_full", "simulate",
     "ModelCascade", "MultiExitModel", "MultiExitResNet", "StageCosts", "build_exit_model", "select",
     "EntropyPolicy", "ExitGate", "ExitPolicy", "GatePolicy", "MarginPolicy", "MaxProbPolicy", "NoEarlyExit",

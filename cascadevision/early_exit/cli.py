@@ -26,7 +26,7 @@ from .presets import DEFAULT_PRESET, exits_config, preset_names
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    add_set(p, "policy.threshold=0.9")
+    add_set(p, "early_exit.threshold=0.9")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def _policy(run, args):
     if getattr(args, "thresholds", None):
         calibration = load_calibration(args.thresholds)
         return policy_from_calibration(run, calibration), calibration
-    cfg = run.cfg.policy if not args.policy else update(run.cfg.policy, {"kind": args.policy})
+    cfg = run.cfg.early_exit if not args.policy else update(run.cfg.early_exit, {"policy": args.policy})
     return run.policy(cfg), None
 
 
@@ -96,7 +96,8 @@ def run(args) -> int:
     run_ = load_run(args.checkpoint, parse_overrides(args.overrides))
     set_threads(run_.cfg.train.threads)
     if command == "calibrate":
-        policy_cfg = run_.cfg.policy if not args.policy else update(run_.cfg.policy, {"kind": args.policy})
+        policy_cfg = (run_.cfg.early_exit if not args.policy
+                      else update(run_.cfg.early_exit, {"policy": args.policy}))
         _, calibration = calibrate_run(run_, policy_cfg, target_accuracy=args.target_accuracy,
                                        max_drop=args.max_drop, budget_fraction=args.budget)
         out = Path(args.out) if args.out else Path(args.checkpoint).parent / "thresholds.json"

@@ -1,5 +1,9 @@
 """Dataclass configs for early-exit classifiers: data, model, exit policy, training, execution.
 
+The exit policy is `cascadevision.config.EarlyExitConfig`, the one a detector's cascade reads too (same policy
+names, same thresholds); its section here is `early_exit` (formerly `policy`, with `kind` for `policy`: both old
+spellings are still read).
+
 Defaults are the reference values where a paper gives one (BranchyNet's Adam lr 1e-3, MSDNet's unweighted sum
 of exit losses, SDN's 0.01 start for the linear schedule). Named presets (`presets.py`) change only what differs;
 `--set section.key=value` overrides any field, and an unknown key is a `ConfigError` naming the valid ones.
@@ -7,6 +11,8 @@ of exit losses, SDN's 0.01 start for the linear schedule). Named presets (`prese
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..config import RENAMED, EarlyExitConfig
 
 
 @dataclass
@@ -27,17 +33,6 @@ class ExitModelConfig:
     head_pool: int = 4  # exit heads pool the stage's map to head_pool x head_pool (SDN-style) before a linear layer
     num_classes: int = 10
     in_channels: int = 1
-
-
-@dataclass
-class ExitPolicyConfig:
-    kind: str = "max_prob"  # "max_prob", "entropy", "margin", "patience", "gate", or "none" (never exit early)
-    threshold: float = 0.95  # shared by every exit, in the policy's own units (entropy: the largest H / log C)
-    thresholds: tuple[float, ...] = ()  # per exit (num_stages - 1 values); overrides `threshold` when given
-    patience: int = 2  # "patience": exit once this many consecutive exits agree
-    prune_threshold: float = 0.0  # "gate": also exit when P(a later exit is right) < this; 0 turns the pruner off
-    gate_hidden: int = 32
-    gate_use_features: bool = True  # the gate sees the stage's pooled feature map as well as the exit's logits
 
 
 @dataclass
@@ -70,6 +65,10 @@ class ExitsConfig:
     preset: str = ""
     data: ExitDataConfig = field(default_factory=ExitDataConfig)
     model: ExitModelConfig = field(default_factory=ExitModelConfig)
-    policy: ExitPolicyConfig = field(default_factory=ExitPolicyConfig)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     train: ExitTrainConfig = field(default_factory=ExitTrainConfig)
     run: ExitRunConfig = field(default_factory=ExitRunConfig)
+
+
+RENAMED[ExitsConfig] = {"policy": "early_exit"}  # old spelling (checkpoints and --set), see config.update
+ExitPolicyConfig = EarlyExitConfig  # the old name of the section's class

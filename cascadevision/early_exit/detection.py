@@ -131,12 +131,13 @@ def exit_summary(counts: StageCounts, box: list[int], mask: list[int]) -> dict:
 def per_roi_macs(head) -> tuple[list[int], list[int]]:
     """Multiply-accumulates one RoI costs in each stage's box head and mask head of a cascade head."""
     cfg, param, channels = head.cfg, head.bbox_head[0].fc_cls.weight, head.in_channels
-    box_in = param.new_zeros((1, channels, cfg.roi_size, cfg.roi_size))
+    box_size, mask_size = cfg.box_head.roi_size, cfg.mask_head.roi_size
+    box_in = param.new_zeros((1, channels, box_size, box_size))
     box = [count_macs(h, box_in) for h in head.bbox_head]
     mask = []
     if head.with_mask:
-        mask_in = param.new_zeros((1, channels, cfg.mask_roi_size, cfg.mask_roi_size))
-        res = param.new_zeros((1, cfg.mask_conv_channels, cfg.mask_roi_size, cfg.mask_roi_size))
+        mask_in = param.new_zeros((1, channels, mask_size, mask_size))
+        res = param.new_zeros((1, cfg.mask_head.conv_channels, mask_size, mask_size))
         mask = [count_macs(h, mask_in, res if h.conv_res is not None else None) for h in head.mask_head]
     return box, mask
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import to_dict, update
+from ..config import EarlyExitConfig, to_dict, update
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .calibration import Calibration, assign_exits, budget_sweep, calibrate, choose_policy, summarize_exits
-from .config import ExitPolicyConfig, ExitsConfig
+from .config import ExitsConfig
 from .data import SOURCE_SIZE, DigitsSplit, load_digits_splits
 from .execution import anytime, compact, run_full, simulate
 from .models import MultiExitModel, StageCosts, build_exit_model
@@ -52,8 +52,8 @@ class ExitRun:
             self._splits = load_digits_splits(self.cfg.data)
         return self._splits[name]
 
-    def policy(self, policy_cfg: ExitPolicyConfig | None = None) -> ExitPolicy:
-        return build_policy(policy_cfg or self.cfg.policy, self.gates or None)
+    def policy(self, policy_cfg: EarlyExitConfig | None = None) -> ExitPolicy:
+        return build_policy(policy_cfg or self.cfg.early_exit, self.gates or None)
 
     def costs_for(self, policy: ExitPolicy) -> StageCosts:
         """Stage costs including what the policy spends deciding (a learned gate's MLP)."""
@@ -101,8 +101,8 @@ def train_run(cfg: ExitsConfig, out_dir: str | Path | None = None, log: Log = pr
                                pixels_per_source_pixel=max(1, cfg.data.image_size // SOURCE_SIZE), log=log)
     train_seconds = time.perf_counter() - start
     val_logits, val_features = exit_outputs(model, splits["val"].images, features=True)
-    gates = train_gates(val_logits, val_features if cfg.policy.gate_use_features else None, splits["val"].labels,
-                        cfg.policy.gate_hidden, cfg.train.gate_epochs, cfg.train.gate_lr, cfg.train.seed)
+    gates = train_gates(val_logits, val_features if cfg.early_exit.gate_use_features else None, splits["val"].labels,
+                        cfg.early_exit.gate_hidden, cfg.train.gate_epochs, cfg.train.gate_lr, cfg.train.seed)
     accuracy = {name: correctness(exit_outputs(model, splits[name].images)[0], splits[name].labels)
                 .float().mean(1).tolist() for name in ("val", "test")}
     meta = {"config": to_dict(cfg), "costs": costs.to_dict(), "exit_accuracy": accuracy,
@@ -130,7 +130,7 @@ def load_run(path: str | Path, overrides: dict | None = None) -> ExitRun:
     meta = state.get("meta") or {}
     if "config" not in meta or "state_dict" not in state:
         raise CheckpointError(f"{path}: not an early-exit checkpoint (no meta.config); make one with `exits train`")
-    cfg = update(ExitsConfig(), meta["config"])
+    cfg = update(ExitsConfig(), meta["config"], stored=True)
     if overrides:
         if "model" in overrides:
             raise ConfigError("model.* cannot be overridden for a trained checkpoint")
@@ -143,7 +143,7 @@ def load_run(path: str | Path, overrides: dict | None = None) -> ExitRun:
     model.eval()
     gates = []
     for k, dim in enumerate(meta.get("gate_feature_dims", [])):
-        gate = ExitGate(dim, cfg.policy.gate_hidden)
+        gate = ExitGate(dim, cfg.early_exit.gate_hidden)
         prefix = f"{k}."
         gate.load_state_dict({n[len(prefix):]: t for n, t in state.get("gates", {}).items() if n.startswith(prefix)})
         gates.append(gate.eval())
@@ -166,7 +166,7 @@ def _scores(policy: ThresholdPolicy, logits: Sequence[Tensor], features: Sequenc
     return scores, torch.stack([f if f is not None else torch.zeros_like(scores[0], dtype=torch.bool) for f in forced])
 
 
-def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, target_accuracy: float | None = None,
+def calibrate_run(run: ExitRun, policy_cfg: EarlyExitConfig | None = None, *, target_accuracy: float | None = None,
                   max_drop: float | None = None, budget_fraction: float | None = None, split: str = "val"
                   ) -> tuple[ExitPolicy, Calibration]:
     """Thresholds for `policy_cfg` (default: the run's) on the `split` (default val) of the run's dataset.
@@ -174,7 +174,7 @@ def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, t
     `max_drop` is in accuracy points below the full model (last exit) on that split; `budget_fraction` is the
     average compute as a fraction of the full model's.
     """
-    policy_cfg = policy_cfg or run.cfg.policy
+    policy_cfg = policy_cfg or run.cfg.early_exit
     policy = run.policy(policy_cfg)
     data = run.split(split)
     logits, features = exit_outputs(run.model, data.images, features=policy.needs_features)
@@ -184,11 +184,11 @@ def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, t
     if isinstance(policy, GatePolicy) and split == "val":
         # the gates were fitted on val: score val with gates that did not see the sample (cross-fitting)
         scores, forced = _out_of_fold_gate_scores(run, policy, logits, features, data.labels)
-        return calibrate(policy, policy_cfg.kind, scores, correct, costs.cumulative, costs.full,
+        return calibrate(policy, policy_cfg.policy, scores, correct, costs.cumulative, costs.full,
                          target_accuracy=target_accuracy, max_drop=max_drop, budget_macs=budget, forced=forced)
     if isinstance(policy, ThresholdPolicy):
         scores, forced = _scores(policy, logits, features)
-        return calibrate(policy, policy_cfg.kind, scores, correct, costs.cumulative, costs.full,
+        return calibrate(policy, policy_cfg.policy, scores, correct, costs.cumulative, costs.full,
                          target_accuracy=target_accuracy, max_drop=max_drop, budget_macs=budget, forced=forced)
     if isinstance(policy, PatiencePolicy):
         full_accuracy = float(correct[-1].double().mean())
@@ -202,7 +202,7 @@ def calibrate_run(run: ExitRun, policy_cfg: ExitPolicyConfig | None = None, *, t
         params, chosen = candidates[best]
         return chosen, Calibration("patience", [], summary["accuracy"], summary["macs"], float(costs.full),
                                    summary["fractions"], target, met, "sweep", params)
-    raise ConfigError(f"policy '{policy_cfg.kind}' has nothing to calibrate")
+    raise ConfigError(f"policy '{policy_cfg.policy}' has nothing to calibrate")
 
 
 def _out_of_fold_gate_scores(run: ExitRun, policy: GatePolicy, logits: Sequence[Tensor],
@@ -220,7 +220,7 @@ def _out_of_fold_gate_scores(run: ExitRun, policy: GatePolicy, logits: Sequence[
         fit = torch.ones(n, dtype=torch.bool)
         fit[held_out] = False
         gates = train_gates([z[fit] for z in logits], [f[fit] for f in features] if uses_features else None,
-                            labels[fit], run.cfg.policy.gate_hidden, run.cfg.train.gate_epochs, run.cfg.train.gate_lr,
+                            labels[fit], run.cfg.early_exit.gate_hidden, run.cfg.train.gate_epochs, run.cfg.train.gate_lr,
                             run.cfg.train.seed)
         fold_policy = GatePolicy(gates, policy.thresholds, policy.prune_threshold)
         fold_scores, fold_forced = _scores(fold_policy, [z[held_out] for z in logits],
@@ -232,11 +232,11 @@ def _out_of_fold_gate_scores(run: ExitRun, policy: GatePolicy, logits: Sequence[
 
 
 def policy_from_calibration(run: ExitRun, calibration: Calibration) -> ExitPolicy:
-    changes: dict = {"kind": calibration.policy}
+    changes: dict = {"policy": calibration.policy}
     if calibration.thresholds:
         changes["thresholds"] = list(calibration.thresholds)
     changes.update(calibration.params)
-    return run.policy(update(run.cfg.policy, changes))
+    return run.policy(update(run.cfg.early_exit, changes))
 
 
 def load_calibration(path: str | Path) -> Calibration:

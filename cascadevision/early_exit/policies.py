@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import POLICY_NAMES, THRESHOLD_POLICIES
+from ..config import EXIT_THRESHOLD, POLICY_NAMES, THRESHOLD_POLICIES
 from ..errors import ConfigError
 
 # One implementation of each confidence measure, on probabilities (..., C): the classifier's policies apply
@@ -278,7 +278,7 @@ class GatePolicy(ThresholdPolicy):
     """Exit when the gate's P(current answer right) >= threshold; with the pruner, also when
     P(a later exit right) < prune_threshold (the input is not worth refining)."""
 
-    def __init__(self, gates: Sequence[ExitGate], thresholds: float | Sequence[float] = 0.9,
+    def __init__(self, gates: Sequence[ExitGate], thresholds: float | Sequence[float] = EXIT_THRESHOLD,
                  prune_threshold: float = 0.0):
         super().__init__(thresholds)
         self.gates = nn.ModuleList(gates).eval()
@@ -321,16 +321,17 @@ assert tuple(THRESHOLD_POLICY_CLASSES) == THRESHOLD_POLICIES
 
 
 def build_policy(cfg, gates: Sequence[ExitGate] | None = None) -> ExitPolicy:
-    """An `ExitPolicy` from an `ExitPolicyConfig` (gates come from `train_gates` for kind 'gate')."""
+    """An `ExitPolicy` from an `EarlyExitConfig` (gates come from `train_gates` for policy 'gate')."""
     thresholds = tuple(cfg.thresholds) if cfg.thresholds else cfg.threshold
-    if cfg.kind in THRESHOLD_POLICY_CLASSES:
-        return THRESHOLD_POLICY_CLASSES[cfg.kind](thresholds)
-    if cfg.kind == "patience":
+    if cfg.policy in THRESHOLD_POLICY_CLASSES:
+        return THRESHOLD_POLICY_CLASSES[cfg.policy](thresholds)
+    if cfg.policy == "patience":
         return PatiencePolicy(cfg.patience)
-    if cfg.kind == "none":
+    if cfg.policy == "none":
         return NoEarlyExit()
-    if cfg.kind == "gate":
+    if cfg.policy == "gate":
         if gates is None:
-            raise ConfigError("policy.kind 'gate' needs trained gates (train them with `cascadevision exits train`)")
+            raise ConfigError("early_exit.policy 'gate' needs trained gates (train them with `cascadevision exits "
+                              "train`)")
         return GatePolicy(gates, thresholds, cfg.prune_threshold)
-    raise ConfigError(f"policy.kind must be one of {', '.join(POLICY_NAMES)}, got {cfg.kind!r}")
+    raise ConfigError(f"early_exit.policy must be one of {', '.join(POLICY_NAMES)}, got {cfg.policy!r}")

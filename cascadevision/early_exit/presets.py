@@ -1,7 +1,7 @@
 """Named early-exit presets. Each is a set of changes to the defaults in `config.py`, overridable by `--set`.
 
 - `mobile`: 2 stages, exit when the top probability reaches 0.85 (cheap, tolerant);
-- `cloud`: 4 stages, exit at 0.95 (the defaults);
+- `cloud`: 4 stages, exit at 0.95 (the default preset);
 - `batch`: 4 stages, no early exit (every sample runs the whole model; the intermediate heads are skipped).
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from ..presets import PresetFamily
 from .config import ExitsConfig
 
 PRESETS: dict[str, dict] = {
-    "mobile": {"model": {"num_stages": 2}, "policy": {"kind": "max_prob", "threshold": 0.85}},
-    "cloud": {"model": {"num_stages": 4}, "policy": {"kind": "max_prob", "threshold": 0.95}},
-    "batch": {"model": {"num_stages": 4}, "policy": {"kind": "none"}},
+    "mobile": {"model": {"num_stages": 2}, "early_exit": {"policy": "max_prob", "threshold": 0.85}},
+    "cloud": {"model": {"num_stages": 4}, "early_exit": {"policy": "max_prob", "threshold": 0.95}},
+    "batch": {"model": {"num_stages": 4}, "early_exit": {"policy": "none"}},
 }
 DEFAULT_PRESET = "cloud"
 
@@ -34,5 +34,5 @@ EXITS_PRESETS = PresetFamily(ExitsConfig, _apply_preset, preset_names, preset_ke
 
 
 def exits_config(preset: str | None = DEFAULT_PRESET, overrides: list[str] | dict | None = None) -> ExitsConfig:
-    """The config of a preset (by name) with overrides applied: ['policy.threshold=0.9'] or a nested dict."""
+    """The config of a preset (by name) with overrides applied: ['early_exit.threshold=0.9'] or a nested dict."""
     return EXITS_PRESETS.load(preset or DEFAULT_PRESET, overrides)

@@ -51,8 +51,8 @@ def subset_loss(all_logits: Sequence[Tensor], labels: Tensor) -> Tensor:
     return per_subset.view(subsets.shape[0], -1).mean(1).sum()
 
 
-def confidence_gate_weights(all_logits: Sequence[Tensor], labels: Tensor, mode: str, threshold: float = 0.9
-                            ) -> Tensor:
+def confidence_gate_weights(all_logits: Sequence[Tensor], labels: Tensor, mode: str,
+                            threshold: float = ExitTrainConfig.gating_threshold) -> Tensor:
     """CGT's per-sample weights lambda (K, N), detached: 1 for the first exit, then gated by the earlier exits."""
     if mode not in ("hard", "soft"):
         raise ConfigError(f"confidence gating must be 'hard' or 'soft', got {mode!r}")
@@ -64,7 +64,8 @@ def confidence_gate_weights(all_logits: Sequence[Tensor], labels: Tensor, mode: 
 
 
 def multi_exit_loss(all_logits: Sequence[Tensor], labels: Tensor, weights: Sequence[float],
-                    loss: str = "fixed", gating: str = "none", gating_threshold: float = 0.9) -> Tensor:
+                    loss: str = "fixed", gating: str = "none",
+                    gating_threshold: float = ExitTrainConfig.gating_threshold) -> Tensor:
     """The training loss over all exits (see the module docstring); `weights` are the per-exit w_k."""
     if loss == "subsets":
         if gating != "none":

@@ -107,16 +107,16 @@ def deferred_mask_pasting(model: torch.nn.Module):
     """Within the block, a detector with masks returns the unpasted `mask_probs` instead of full-image `masks`
     (see `TwoStageDetector`), so that `results_to_coco` and `draw_predictions` paste a bounded chunk at a time:
     memory O(H x W), not detections x H x W, on large photos. Other models are left as they are."""
-    roi_cfg = getattr(getattr(model, "cfg", None), "roi_head", None)
-    if roi_cfg is None or not hasattr(roi_cfg, "mask_output"):
+    test_cfg = getattr(getattr(getattr(model, "cfg", None), "roi_head", None), "test", None)
+    if test_cfg is None or not hasattr(test_cfg, "mask_output"):
         yield model
         return
-    before = roi_cfg.mask_output
-    roi_cfg.mask_output = "probs"
+    before = test_cfg.mask_output
+    test_cfg.mask_output = "probs"
     try:
         yield model
     finally:
-        roi_cfg.mask_output = before
+        test_cfg.mask_output = before
 
 
 def results_to_coco(predictions: Sequence[dict], image_ids: Sequence[int], cat_ids: Sequence[int], *,

@@ -74,8 +74,7 @@ def build_from_config(cfg: ModelConfig, exit_policy_factory=None) -> TwoStageDet
 
 def early_exit_requested(cfg: ModelConfig) -> bool:
     """Whether `cfg.roi_head.early_exit` asks for anything beyond the plain cascade."""
-    e = cfg.roi_head.early_exit
-    return (e.policy != "none" or e.background_threshold > 0 or e.prune_threshold > 0 or e.time_budget_ms > 0)
+    return cfg.roi_head.early_exit.enabled
 
 
 def build_backbone(cfg):

@@ -1,7 +1,7 @@
 """Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade: one RoI head, read top to bottom.
 
 A cascade runs `num_stages` box heads; each refines the boxes of the one before and, in training, relabels
-them at its own (higher) IoU threshold. HTC adds three switches on top of Cascade Mask R-CNN:
+them at its own (higher) IoU threshold. HTC adds three switches on top of Cascade Mask R-CNN (`cfg.htc`):
 
 - `interleaved`: stage t's mask head trains on the boxes stage t's box head has just refined (re-sampled),
   instead of on the boxes stage t was given;
@@ -102,21 +102,23 @@ class CascadeRoIHead(RoIHead):
         self.num_stages = cfg.num_stages
         self.in_channels = in_channels
         self.exit_policy = exit_policy
-        self.interleaved = htc and cfg.interleaved and cfg.with_mask
-        self.mask_info_flow = htc and cfg.mask_info_flow and cfg.with_mask
+        # HTC's switches: None (the default) means on
+        self.interleaved = htc and cfg.htc.interleaved is not False and cfg.with_mask
+        self.mask_info_flow = htc and cfg.htc.mask_info_flow is not False and cfg.with_mask
+        box, mask = cfg.box_head, cfg.mask_head
         self.bbox_head = nn.ModuleList(
-            BBoxHead(in_channels, cfg.roi_size, cfg.num_fcs, cfg.fc_channels, num_classes, cfg.reg_class_agnostic)
+            BBoxHead(in_channels, box.roi_size, box.num_fcs, box.fc_channels, num_classes, box.reg_class_agnostic)
             for _ in range(self.num_stages))
         if cfg.with_mask:
             self.mask_head = nn.ModuleList(
-                MaskHead(in_channels, cfg.mask_conv_channels, cfg.mask_num_convs, num_classes,
+                MaskHead(in_channels, mask.conv_channels, mask.num_convs, num_classes,
                          with_conv_res=self.mask_info_flow and t > 0)
                 for t in range(self.num_stages))
         self.semantic_head = None
-        if htc and cfg.with_semantic:
-            self.semantic_head = SemanticHead(in_channels, num_feature_levels, cfg.semantic_num_classes,
-                                              cfg.semantic_fusion_level)
-        self.assigners = [MaxIoUAssigner(iou, iou, iou, cfg.match_low_quality) for iou in cfg.iou_thresholds]
+        if htc and cfg.htc.with_semantic:
+            self.semantic_head = SemanticHead(in_channels, num_feature_levels, cfg.htc.semantic_num_classes,
+                                              cfg.htc.semantic_fusion_level)
+        self.assigners = [MaxIoUAssigner(iou, iou, iou, cfg.sampler.match_low_quality) for iou in cfg.iou_thresholds]
 
     # ---------------------------------------------------------------------------------------------- one stage
 
@@ -124,7 +126,8 @@ class CascadeRoIHead(RoIHead):
                    refine: bool = True) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Box head `stage` on `rois`: class logits (K, C+1), deltas, and (if `refine`) the refined boxes per
         image, which are the next stage's proposals. `labels` (training) pick the deltas of the gt class."""
-        cls_score, deltas = self.bbox_head[stage](self._roi_features(features, rois, self.cfg.roi_size, semantic_feat))
+        cls_score, deltas = self.bbox_head[stage](self._roi_features(features, rois, self.cfg.box_head.roi_size,
+                                                                      semantic_feat))
         boxes = None
         if refine:
             with torch.no_grad():
@@ -134,7 +137,7 @@ class CascadeRoIHead(RoIHead):
     def _refine(self, stage: int, rois: Tensor, cls_score: Tensor, deltas: Tensor, image_sizes,
                 labels: Tensor | None = None) -> list[Tensor]:
         """Decode this stage's deltas onto its RoIs, per image, clipped."""
-        if labels is None or not self.cfg.reg_class_agnostic:
+        if labels is None or not self.cfg.box_head.reg_class_agnostic:
             predicted = cls_score[:, :-1].argmax(1)
             labels = predicted if labels is None else torch.where(labels == self.num_classes, predicted, labels)
         deltas = self.bbox_head[stage].select_deltas(deltas, labels)
@@ -166,10 +169,10 @@ class CascadeRoIHead(RoIHead):
             sem_logits, semantic_feat = self.semantic_head(features)
             padded = tuple(s * self.strides[0] for s in features[0].shape[-2:])
             labels = semantic_targets(targets, image_sizes, padded, sem_logits.shape[-2:], self.semantic_head.num_classes)
-            semantic_loss = self.semantic_head.loss(sem_logits, labels, self.cfg.semantic_loss_avg_non_ignore)
-            losses["loss_semantic_seg"] = semantic_loss * self.cfg.semantic_loss_weight
+            semantic_loss = self.semantic_head.loss(sem_logits, labels, self.cfg.htc.semantic_loss_avg_non_ignore)
+            losses["loss_semantic_seg"] = semantic_loss * self.cfg.htc.semantic_loss_weight
         for t in range(self.num_stages):
-            sampled = sample_rois(proposals, targets, self.assigners[t], self.cfg, self.num_classes)
+            sampled = sample_rois(proposals, targets, self.assigners[t], self.cfg.sampler, self.num_classes)
             rois = boxes_to_rois(sampled.boxes)
             labels = torch.cat(sampled.labels)
             last = t == self.num_stages - 1
@@ -177,12 +180,12 @@ class CascadeRoIHead(RoIHead):
                                                          refine=self.interleaved or not last)
             stage = self.bbox_head[t].loss(cls_score, deltas, labels,
                                            delta_targets(sampled, targets, self.cfg.bbox_stds[t]),
-                                           self.cfg.loss_bbox, self.cfg.smooth_l1_beta)
+                                           self.cfg.box_head.loss_bbox, self.cfg.box_head.smooth_l1_beta)
             if refined is not None:
                 refined = self._drop_gt_proposals(refined, sampled)
             if self.with_mask:
                 # interleaved: the mask learns on the boxes this stage has just refined, re-sampled at its IoU
-                mask_sampled = (sample_rois(refined, targets, self.assigners[t], self.cfg, self.num_classes)
+                mask_sampled = (sample_rois(refined, targets, self.assigners[t], self.cfg.sampler, self.num_classes)
                                 if self.interleaved else sampled)
                 stage["loss_mask"] = self._mask_loss(t, features, mask_sampled, targets, scale_factors, semantic_feat)
             weight = self.cfg.stage_loss_weights[t]
@@ -240,12 +243,11 @@ class CascadeRoIHead(RoIHead):
         rois = torch.cat([f[0] for f in finished])
         scores = torch.cat([f[1] for f in finished]).softmax(-1)
         stages = torch.cat([torch.full((len(f[0]),), f[2], dtype=torch.long, device=rois.device) for f in finished])
-        detections = []
+        detections, test = [], self.cfg.test
         for i in range(len(image_sizes)):
             keep = rois[:, 0] == i
-            boxes, det_scores, labels, index = multiclass_nms(rois[keep, 1:], scores[keep], self.cfg.score_thr,
-                                                               self.cfg.nms_iou, self.cfg.max_per_img,
-                                                               return_index=True)
+            boxes, det_scores, labels, index = multiclass_nms(rois[keep, 1:], scores[keep], test.score_thr,
+                                                               test.nms_iou, test.max_per_img, return_index=True)
             detections.append({"boxes": boxes, "scores": det_scores, "labels": labels,
                                "exit_stage": stages[keep][index]})
         return detections
@@ -253,18 +255,18 @@ class CascadeRoIHead(RoIHead):
     def _predict_masks(self, features, detections: list[dict], semantic_feat) -> None:
         """Adds `mask_probs` (N, S, S): the ensemble of the mask heads of the stages each detection went through."""
         det_boxes = [d["boxes"] for d in detections]
-        size = self.cfg.mask_size
+        size = self.cfg.mask_head.size
         rois = boxes_to_rois(det_boxes)
         labels = torch.cat([d["labels"] for d in detections])
         exit_stage = torch.cat([d["exit_stage"] for d in detections])
         probs = rois.new_zeros((len(rois), size, size))
         for stage in exit_stage.unique().tolist():  # at most num_stages groups
             group = exit_stage == stage
-            mask_feats = self._roi_features(features, rois[group], self.cfg.mask_roi_size, semantic_feat)
+            mask_feats = self._roi_features(features, rois[group], self.cfg.mask_head.roi_size, semantic_feat)
             index = torch.arange(int(group.sum()), device=rois.device)
             stage_probs = [logits[index, labels[group]].float().sigmoid()
                            for logits in self._mask_logits(stage, mask_feats)]
-            probs[group] = torch.stack(stage_probs).mean(0) if self.cfg.mask_ensemble == "mean" else stage_probs[-1]
+            probs[group] = torch.stack(stage_probs).mean(0) if self.cfg.test.mask_ensemble == "mean" else stage_probs[-1]
         if self.exit_policy is not None and hasattr(self.exit_policy, "count_masks"):
             self.exit_policy.count_masks(exit_stage)
         for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):

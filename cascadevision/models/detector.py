@@ -13,7 +13,7 @@ class TwoStageDetector(nn.Module):
     train mode: `model(images, targets)` returns a dict of named losses.
     eval mode: `model(images)` returns per image a dict with `boxes` (N,4 x1y1x2y2 in that image's pixels),
     `labels` (N, 0-based), `scores` (N) and, for mask models, `masks` (N,H,W bool), or with
-    `cfg.roi_head.mask_output = "probs"` instead the unpasted `mask_probs` (N,28,28), `image_size` (H, W) and
+    `cfg.roi_head.test.mask_output = "probs"` instead the unpasted `mask_probs` (N,28,28), `image_size` (H, W) and
     `mask_thr`, for `ops.iter_pasted_masks` to paste a chunk at a time.
     """
 
@@ -49,5 +49,5 @@ class TwoStageDetector(nn.Module):
             return losses
         proposals, _ = self.rpn_head(features, image_sizes)
         detections = self.roi_head.predict(features, proposals, image_sizes)
-        return self.transform.postprocess(detections, scale_factors, original_sizes, self.cfg.roi_head.mask_thr,
-                                          self.cfg.roi_head.mask_output)
+        test = self.cfg.roi_head.test
+        return self.transform.postprocess(detections, scale_factors, original_sizes, test.mask_thr, test.mask_output)

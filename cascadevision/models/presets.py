@@ -31,7 +31,9 @@ def _cpu_small(cfg: ModelConfig, depth: int = 18) -> ModelConfig:
         neck=_replace(cfg.neck, out_channels=128),
         rpn=_replace(cfg.rpn, feat_channels=128, train_pre_nms=1000, train_post_nms=500,
                      test_pre_nms=500, test_post_nms=300),
-        roi_head=_replace(cfg.roi_head, fc_channels=256, mask_conv_channels=128, num_samples=256),
+        roi_head=_replace(cfg.roi_head, sampler=_replace(cfg.roi_head.sampler, num_samples=256),
+                          box_head=_replace(cfg.roi_head.box_head, fc_channels=256),
+                          mask_head=_replace(cfg.roi_head.mask_head, conv_channels=128)),
     )
 
 
@@ -41,17 +43,19 @@ CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.0
 def _cascade(depth: int = 50, *, mask: bool, htc: bool = False, semantic: bool = False) -> ModelConfig:
     """Cascade R-CNN / Cascade Mask R-CNN / HTC as in MMDetection's configs (3 stages at IoU 0.5/0.6/0.7)."""
     cfg = ModelConfig()
+    head = cfg.roi_head
     return _replace(
         cfg,
         backbone=_replace(cfg.backbone, depth=depth),
         rpn=_replace(cfg.rpn, allowed_border=0.0, loss_bbox="smooth_l1", train_post_nms=2000),
         roi_head=_replace(
-            cfg.roi_head, type="htc" if htc else "cascade", num_stages=3, iou_thresholds=(0.5, 0.6, 0.7),
-            stage_loss_weights=(1.0, 0.5, 0.25), bbox_stds=CASCADE_STDS, reg_class_agnostic=True,
-            loss_bbox="smooth_l1", smooth_l1_beta=1.0, with_mask=mask,
-            match_low_quality=htc,  # Cascade (Mask) R-CNN turns low-quality matching off for its stages
-            score_thr=0.001 if htc else 0.05,
-            interleaved=htc, mask_info_flow=htc, with_semantic=semantic),
+            head, type="htc" if htc else "cascade", num_stages=3, iou_thresholds=(0.5, 0.6, 0.7),
+            stage_loss_weights=(1.0, 0.5, 0.25), bbox_stds=CASCADE_STDS, with_mask=mask,
+            # Cascade (Mask) R-CNN turns low-quality matching off for its stages
+            sampler=_replace(head.sampler, match_low_quality=htc),
+            box_head=_replace(head.box_head, reg_class_agnostic=True, loss_bbox="smooth_l1", smooth_l1_beta=1.0),
+            test=_replace(head.test, score_thr=0.001 if htc else 0.05),
+            htc=_replace(head.htc, with_semantic=semantic)),  # interleaving and mask information flow: on for htc
     )
 
 

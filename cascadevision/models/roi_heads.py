@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import RoIHeadConfig
+from ..config import RoIHeadConfig, SamplerConfig
 from ..ops import decode_boxes, encode_boxes, multi_scale_roi_align, roi_align
 from .assign import MaxIoUAssigner, sample
 from .bbox_head import BBoxHead, multiclass_nms
@@ -36,7 +36,7 @@ def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat(idx), torch.cat(boxes)], dim=1)
 
 
-def sample_rois(proposals: list[Tensor], targets: list[dict], assigner: MaxIoUAssigner, cfg: RoIHeadConfig,
+def sample_rois(proposals: list[Tensor], targets: list[dict], assigner: MaxIoUAssigner, cfg: SamplerConfig,
                 num_classes: int) -> SampledRoIs:
     out = SampledRoIs([], [], [], [])
     for props, target in zip(proposals, targets):
@@ -92,8 +92,8 @@ class RoIHead(nn.Module):
                                       finest_scale=self.cfg.finest_scale, sampling_ratio=0, aligned=True)
         if semantic_feat is not None:
             # the semantic map is pooled at the mask size for both branches, then averaged down for boxes
-            stride = self.strides[self.cfg.semantic_fusion_level]
-            sem = roi_align(semantic_feat, rois, self.cfg.mask_roi_size, spatial_scale=1.0 / stride,
+            stride = self.strides[self.cfg.htc.semantic_fusion_level]
+            sem = roi_align(semantic_feat, rois, self.cfg.mask_head.roi_size, spatial_scale=1.0 / stride,
                             sampling_ratio=0, aligned=True)
             if sem.shape[-1] != size:
                 # 14 -> 7 is a plain 2x2 average (much faster to backpropagate than the adaptive pool)
@@ -110,7 +110,7 @@ class RoIHead(nn.Module):
                    semantic_feat: Tensor | None = None) -> Tensor:
         """The mask loss of `stage`'s mask head on the positive RoIs of `sampled`."""
         pos_boxes = sampled.pos_boxes()
-        mask_feats = self._roi_features(features, boxes_to_rois(pos_boxes), self.cfg.mask_roi_size, semantic_feat)
+        mask_feats = self._roi_features(features, boxes_to_rois(pos_boxes), self.cfg.mask_head.roi_size, semantic_feat)
         logits = self._mask_logits(stage, mask_feats)[-1]
         target = positive_mask_targets(pos_boxes, sampled.pos_gt_inds, targets, scale_factors, logits.shape[-1])
         labels = torch.cat([l[:p] for l, p in zip(sampled.labels, sampled.num_pos)])
@@ -122,23 +122,24 @@ class StandardRoIHead(RoIHead):
 
     def __init__(self, cfg: RoIHeadConfig, num_classes: int, in_channels: int, strides=STANDARD_FPN_STRIDES):
         super().__init__(cfg, num_classes, strides)
-        self.bbox_head = BBoxHead(in_channels, cfg.roi_size, cfg.num_fcs, cfg.fc_channels, num_classes,
-                                  cfg.reg_class_agnostic)
-        self.mask_head = (MaskHead(in_channels, cfg.mask_conv_channels, cfg.mask_num_convs, num_classes)
+        box, mask = cfg.box_head, cfg.mask_head
+        self.bbox_head = BBoxHead(in_channels, box.roi_size, box.num_fcs, box.fc_channels, num_classes,
+                                  box.reg_class_agnostic)
+        self.mask_head = (MaskHead(in_channels, mask.conv_channels, mask.num_convs, num_classes)
                           if cfg.with_mask else None)
         iou = cfg.iou_thresholds[0]
-        self.assigner = MaxIoUAssigner(iou, iou, iou, cfg.match_low_quality)
+        self.assigner = MaxIoUAssigner(iou, iou, iou, cfg.sampler.match_low_quality)
 
     def _mask_logits(self, stage: int, mask_feats: Tensor) -> list[Tensor]:
         return [self.mask_head(mask_feats)[0]]
 
     def loss(self, features, proposals, image_sizes, targets, scale_factors) -> dict[str, Tensor]:
-        sampled = sample_rois(proposals, targets, self.assigner, self.cfg, self.num_classes)
+        sampled = sample_rois(proposals, targets, self.assigner, self.cfg.sampler, self.num_classes)
         rois = boxes_to_rois(sampled.boxes)
-        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.roi_size))
+        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.box_head.roi_size))
         losses = self.bbox_head.loss(cls_score, deltas, torch.cat(sampled.labels),
                                      delta_targets(sampled, targets, self.cfg.bbox_stds[0]),
-                                     self.cfg.loss_bbox, self.cfg.smooth_l1_beta)
+                                     self.cfg.box_head.loss_bbox, self.cfg.box_head.smooth_l1_beta)
         if self.with_mask:
             losses["loss_mask"] = self._mask_loss(0, features, sampled, targets, scale_factors)
         return losses
@@ -146,7 +147,7 @@ class StandardRoIHead(RoIHead):
     @torch.no_grad()
     def predict(self, features, proposals, image_sizes) -> list[dict[str, Tensor]]:
         rois = boxes_to_rois(proposals)
-        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.roi_size))
+        cls_score, deltas = self.bbox_head(self._roi_features(features, rois, self.cfg.box_head.roi_size))
         scores = cls_score.float().softmax(-1)
         counts = [len(p) for p in proposals]
         detections = []
@@ -156,7 +157,7 @@ class StandardRoIHead(RoIHead):
             if boxes.shape[1] == 1:
                 boxes = boxes[:, 0]
             detections.append(dict(zip(("boxes", "scores", "labels"), multiclass_nms(
-                boxes, s, self.cfg.score_thr, self.cfg.nms_iou, self.cfg.max_per_img))))
+                boxes, s, self.cfg.test.score_thr, self.cfg.test.nms_iou, self.cfg.test.max_per_img))))
         if self.with_mask:
             self._predict_masks(features, detections)
         return detections
@@ -166,9 +167,9 @@ class StandardRoIHead(RoIHead):
         det_boxes = [d["boxes"] for d in detections]
         if sum(len(b) for b in det_boxes) == 0:
             for d in detections:
-                d["mask_probs"] = d["boxes"].new_zeros((0, self.cfg.mask_size, self.cfg.mask_size))
+                d["mask_probs"] = d["boxes"].new_zeros((0, self.cfg.mask_head.size, self.cfg.mask_head.size))
             return
-        logits, _ = self.mask_head(self._roi_features(features, boxes_to_rois(det_boxes), self.cfg.mask_roi_size))
+        logits, _ = self.mask_head(self._roi_features(features, boxes_to_rois(det_boxes), self.cfg.mask_head.roi_size))
         labels = torch.cat([d["labels"] for d in detections])
         probs = logits[torch.arange(len(labels), device=labels.device), labels].float().sigmoid()
         for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):

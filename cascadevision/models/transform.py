@@ -63,7 +63,7 @@ class DetectionTransform(nn.Module):
         `mask_probs` (N, h, w), the `image_size` (H, W) to paste them at and `mask_thr`, instead of `masks`.
         """
         if mask_output not in ("full", "probs"):
-            raise ConfigError(f"model.roi_head.mask_output must be 'full' or 'probs', got {mask_output!r}")
+            raise ConfigError(f"model.roi_head.test.mask_output must be 'full' or 'probs', got {mask_output!r}")
         results = []
         for det, (sx, sy), size in zip(detections, scale_factors, original_sizes):
             scale = det["boxes"].new_tensor([sx, sy, sx, sy])

@@ -62,7 +62,7 @@ class Task:
         values = config.get("model", config)
         if self.check_checkpoint is not None:
             self.check_checkpoint(Path(path), values)
-        model_cfg = update(self.model_config(), values, prefix="model.")
+        model_cfg = update(self.model_config(), values, prefix="model.", stored=True)
         if overrides:
             model_cfg = update(model_cfg, overrides, prefix="model.")
         model = self.build_model(model_cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ModelConfig
+from ..config import PREDICT_SCORE_THR, Config, ModelConfig
 from ..data import CocoDataset, RandomHorizontalFlip, check_dataset, match_classes
 from ..engine import evaluate
 from ..engine.evaluator import deferred_mask_pasting, results_to_coco
@@ -33,7 +33,7 @@ def train_datasets(cfg: Config):
     data = cfg.data
     if not data.train_ann or not data.train_images:
         raise ConfigError("training needs data.train_ann and data.train_images (--train-ann, --train-images)")
-    semantic = cfg.model.roi_head.with_semantic
+    semantic = cfg.model.roi_head.htc.with_semantic
     train = CocoDataset(data.train_ann, data.train_images, train=True, transforms=RandomHorizontalFlip(data.flip_prob),
                         semantic_dir=data.train_semantic or None,
                         derive_semantic=semantic and not data.train_semantic,
@@ -78,10 +78,11 @@ def prepare_training(cfg: Config) -> Training:
                                "with annotations, or train.eval_at_end=false")
     model_cfg = dataclasses.replace(cfg.model, num_classes=train_set.num_classes,
                                     class_names=tuple(train_set.class_names))
-    if cfg.model.roi_head.with_semantic and not cfg.data.train_semantic:
+    if cfg.model.roi_head.htc.with_semantic and not cfg.data.train_semantic:
         # things-only labels derived from the instance masks: one class per thing plus background
+        head = model_cfg.roi_head
         model_cfg = dataclasses.replace(model_cfg, roi_head=dataclasses.replace(
-            model_cfg.roi_head, semantic_num_classes=train_set.num_classes + 1))
+            head, htc=dataclasses.replace(head.htc, semantic_num_classes=train_set.num_classes + 1)))
     return Training(dataclasses.replace(cfg, model=model_cfg), train_set, val_set,
                     functools.partial(evaluate, cat_ids=val_cat_ids))
 
@@ -173,7 +174,7 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
     return metrics
 
 
-def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = 0.3,
+def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
     """Overlay PNGs (masks, boxes, class names, scores) and a COCO-style results JSON for images or folders.
 
