@@ -120,8 +120,10 @@ def test_an_old_run_config_yaml_of_a_cascade_still_loads(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("model:\n  preset: cascade_mask_rcnn_r18_fpn\n  roi_head:\n    type: cascade\n"
                     "    interleaved: true\n    mask_info_flow: true\n    with_semantic: false\n")
-    with pytest.warns(DeprecationWarning, match="model.roi_head.interleaved is now model.roi_head.htc.interleaved"):
+    with pytest.warns(DeprecationWarning) as caught:
         cfg = load_config(str(path))
+    assert sorted(str(w.message) for w in caught) == [f"model.roi_head.{k} is now model.roi_head.htc.{k}"
+                                                      for k in ("interleaved", "mask_info_flow", "with_semantic")]
     assert cfg.model.roi_head.htc.interleaved is None and not cfg.model.roi_head.htc.with_semantic
 
 
