@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .backbone import ResNet
 from .cascade import CascadeRoIHead
 from .detector import TwoStageDetector
+from .efficientvit import EfficientViTBackbone
 from .neck import FPN
 from .presets import preset_config
 from .roi_heads import StandardRoIHead
@@ -82,7 +83,5 @@ def build_backbone(cfg):
     if cfg.type == "resnet":
         return ResNet(cfg)
     if cfg.type.startswith("efficientvit_"):
-        from .efficientvit import EfficientViTBackbone
-
         return EfficientViTBackbone(cfg)
     raise ConfigError(f"model.backbone.type must be 'resnet' or 'efficientvit_m0'..'efficientvit_m5', got '{cfg.type}'")
