@@ -1,4 +1,20 @@
-"""The `cascadevision` command line."""
+"""The `cascadevision` command line: HTC, Cascade R-CNN and Mask R-CNN in PyTorch.
+
+examples:
+  cascadevision synth data --num-images 200 --size 256        # a synthetic COCO-format dataset to try things on
+  cascadevision presets                                       # the models (parameters, what) and the YAML recipes
+  cascadevision config demo_htc_r18 --set train.max_iters=100 # every value a run would use, as YAML
+  cascadevision train demo_htc_r18 --out runs/demo \\
+      --train-ann data/annotations/instances_train.json --train-images data/images/train \\
+      --val-ann data/annotations/instances_val.json --val-images data/images/val
+  cascadevision train configs/htc_r50_fpn_1x.yaml ...         # a YAML file (copy a recipe and edit it)
+  cascadevision eval runs/demo/checkpoints/final.pth \\
+      --ann data/annotations/instances_val.json --images data/images/val
+  cascadevision predict runs/demo/checkpoints/final.pth data/images/val --out preds
+  cascadevision demo                                          # synthetic data -> train -> evaluate -> pictures
+
+`cascadevision COMMAND --help` lists a command's flags and their defaults.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +22,7 @@ import json
 import sys
 import warnings
 
-from .commands import DETECTION, SEGMENTATION, add_set, model_overrides
+from .commands import DETECTION, SEGMENTATION, HelpFormatter, add_set, model_overrides
 from .errors import CascadeVisionError, CheckpointError
 from .runtime import configure_cpu_runtime
 
@@ -22,62 +38,95 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 _model_overrides = model_overrides  # the old private name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # the exits and segment parsers load their task packages (torch): importing them here, not at the top,
-    # keeps `import cascadevision.cli` light until a parser is built (configure_cpu_runtime must run first)
-    from .early_exit.cli import add_parser as add_exits_parser
-    from .segmentation.cli import add_parser as add_segment_parser
+# Commands whose parsers are built from their packages, which load torch (a second of start-up): they are
+# built only when they run; the other commands' help lists them with these lines (tests/test_cli_help.py
+# checks that they are the packages' own).
+_HEAVY_COMMANDS = {
+    "exits": "early-exit classifiers: train, calibrate, evaluate, bench",
+    "segment": "semantic segmentation: CASCADE decoder (train, eval, predict)",
+}
 
-    parser = argparse.ArgumentParser(prog="cascadevision", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command. `command`: the one about to run, when known; the `exits` and `segment`
+    parsers are then built only if it is theirs, and stand as a line of help otherwise."""
+    parser = argparse.ArgumentParser(prog="cascadevision", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # the defaults are generate_synthetic's (cascadevision.data.synth): a flag not given is not passed on
     p = sub.add_parser("synth", help="write a synthetic COCO-format instance segmentation dataset",
-                       description="Flags left out take generate_synthetic's defaults.",
-                       argument_default=argparse.SUPPRESS)
-    p.add_argument("out")
+                       description="Write a synthetic COCO-format dataset (images/, annotations/ and semantic/ "
+                                   "label maps) of coloured shapes. Flags left out take generate_synthetic's "
+                                   "defaults (cascadevision.data.synth).",
+                       argument_default=argparse.SUPPRESS, formatter_class=HelpFormatter)
+    p.add_argument("out", help="directory to write the dataset into")
     p.add_argument("--num-images", type=int, help="images in both splits")
     p.add_argument("--size", type=int, help="side of the square images, in pixels")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed of the shapes, colours and positions")
     p.add_argument("--val-fraction", type=float, help="share of the images in the val split")
 
     DETECTION.add_train(sub)
     DETECTION.add_eval(sub)
     DETECTION.add_predict(sub)
 
-    p = sub.add_parser("demo", help="synthetic data -> train a small model -> evaluate -> pictures")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--num-images", type=int, default=None)
-    p.add_argument("--max-iters", type=int, default=None)
+    p = sub.add_parser("demo", help="synthetic data -> train a small model -> evaluate -> pictures",
+                       description="Generate a synthetic dataset, train the demo recipe (configs/demo_htc_r18.yaml) "
+                                   "for HTC and, on the same budget, Mask R-CNN, print their COCO AP and draw "
+                                   "predictions. Run again, it continues its runs.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", default="demo_out", help="directory for the data, the runs and the pictures")
+    p.add_argument("--num-images", type=int, default=None, help="synthetic images (default: 400)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="training iterations per model (default: the recipe's train.max_iters)")
     p.add_argument("--seed", type=int, default=0, help="training seed (initial weights, data order, augmentation)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
 
     p = sub.add_parser("weights", help="inspect or convert weight files")
     wsub = p.add_subparsers(dest="weights_command", required=True)
     w = wsub.add_parser("inspect", help="format, keys summary and classes of a weights file")
-    w.add_argument("file")
+    w.add_argument("file", help="a checkpoint, MMDetection .pth, torchvision ResNet or .safetensors file")
     w = wsub.add_parser("convert", help="convert a checkpoint to safetensors")
-    w.add_argument("src")
-    w.add_argument("dst")
+    w.add_argument("src", help="a checkpoint or weights file")
+    w.add_argument("dst", help="the .safetensors file to write")
 
     DETECTION.add_presets(sub)
+    DETECTION.add_config(sub)
 
-    p = sub.add_parser("check-data", help="check a COCO dataset: annotations, and every image's existence, "
+    p = sub.add_parser("check-data", formatter_class=HelpFormatter,
+                       help="check a COCO dataset: annotations, and every image's existence, "
                                           "readability and size; lists every problem at once")
     p.add_argument("ann", help="COCO annotation JSON")
     p.add_argument("images", help="image directory")
     p.add_argument("--semantic", default=None, help="directory of semantic label-map PNGs to check too")
     p.add_argument("--quick", action="store_true", help="read image headers only (what train runs at start)")
 
-    add_exits_parser(sub)
-    add_segment_parser(sub)
+    for name, help_ in _HEAVY_COMMANDS.items():
+        if command is None or command == name:
+            _add_heavy_parser(name, sub)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
     return parser
+
+
+def _add_heavy_parser(name: str, sub) -> None:
+    # function-local: these packages load torch; the CLI start-up stays light for `--help` and the other commands
+    if name == "exits":
+        from .early_exit.cli import add_parser
+    else:
+        from .segmentation.cli import add_parser
+    add_parser(sub)
+
+
+def _command(argv: list[str]) -> str:
+    """The command `argv` names ('' when none: `--help` or a mistake, which argparse answers)."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
 def main(argv: list[str] | None = None) -> int:
     # an old config key a person wrote (YAML, --set) is read, and said so: Python hides library deprecations
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"cascadevision\.config")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         return _run(args)
     except CascadeVisionError as exc:
@@ -94,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     # Each command imports what it needs when it runs, so that `cascadevision --help` and a typo answer
     # quickly (no pycocotools, trainer or models): the CLI start-up stays light on purpose.
-    if args.command in ("train", "eval", "predict", "presets"):
+    if args.command in ("train", "eval", "predict", "presets", "config"):
         return DETECTION.run(args.command, args)
     if args.command == "synth":
         from .data.synth import generate_synthetic  # CLI start-up stays light (see above)

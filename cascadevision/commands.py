@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PREDICT_SCORE_THR, REGION_POLICIES, parse_overrides, update
+import yaml
+
+from .config import PREDICT_SCORE_THR, REGION_POLICIES, parse_overrides, to_dict, update
 from .errors import ConfigError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -28,6 +30,19 @@ def add_set(p: argparse.ArgumentParser, example: str) -> None:
 
 def _nothing(p: argparse.ArgumentParser) -> None:
     pass
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (examples keep their lines); a flag's help ends with its default
+    when it has one worth saying (not None, False, '' or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default is argparse.SUPPRESS or default == "" or default == [] or text is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 @dataclass(frozen=True)
@@ -47,10 +62,12 @@ class TaskCommands:
     eval_options: AddArgs = _nothing  # between --out and --device
     predict_options: AddArgs = _nothing  # between --out and --device
     model_options: AddArgs | None = None  # eval/predict: --set (model.* only) and these, after --no-progress
+    checkpoint_help: str | None = None  # eval/predict: what their first argument may be
     report_training: Callable[[object, dict, object], None] | None = None  # (jobs module, metrics, cfg)
     evaluate: Callable[[object, argparse.Namespace], int] | None = None
     predict: Callable[[object, argparse.Namespace], int] | None = None
     presets: Callable[[], list[str]] | None = None
+    load_config: Callable[..., object] | None = None  # (name or path, overrides) -> config, without the task
 
     def jobs(self):
         return importlib.import_module(self.module)
@@ -58,7 +75,9 @@ class TaskCommands:
     # -- parsers --------------------------------------------------------------------------------------------
 
     def add_train(self, sub) -> argparse.ArgumentParser:
-        p = sub.add_parser("train", help=self.train_help)
+        p = sub.add_parser("train", help=self.train_help, formatter_class=HelpFormatter,
+                           description=f"{self.train_help[0].upper()}{self.train_help[1:]}. The data flags set data.*; "
+                                       "--set wins over them and over the config.")
         p.add_argument("config", help=self.config_help)
         for flag, help_ in self.train_data:
             p.add_argument(flag, help=help_)
@@ -68,13 +87,15 @@ class TaskCommands:
                        help="continue from the run directory's latest checkpoint (or the given one)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --out (its checkpoints, config and logs are removed)")
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: a log line every train.log_interval iterations instead (what a "
+                            "run whose stderr is not a terminal prints anyway)")
         add_set(p, self.set_example)
         return p
 
     def add_eval(self, sub) -> argparse.ArgumentParser:
-        p = sub.add_parser("eval", help=self.eval_help)
-        p.add_argument("checkpoint")
+        p = sub.add_parser("eval", help=self.eval_help, formatter_class=HelpFormatter)
+        p.add_argument("checkpoint", help=self.checkpoint_help)
         for flag, help_ in self.eval_inputs:
             p.add_argument(flag, required=True, help=help_)
         p.add_argument("--out", default=None, help=self.eval_out_help)
@@ -83,10 +104,10 @@ class TaskCommands:
         return p
 
     def add_predict(self, sub) -> argparse.ArgumentParser:
-        p = sub.add_parser("predict", help=self.predict_help)
-        p.add_argument("checkpoint")
+        p = sub.add_parser("predict", help=self.predict_help, formatter_class=HelpFormatter)
+        p.add_argument("checkpoint", help=self.checkpoint_help)
         p.add_argument("inputs", nargs="+", help="image files or directories")
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=True, help="directory for the overlay PNGs and results.json")
         self.predict_options(p)
         self._device_and_model_options(p)
         return p
@@ -94,13 +115,22 @@ class TaskCommands:
     def add_presets(self, sub) -> argparse.ArgumentParser:
         return sub.add_parser("presets", help=self.presets_help)
 
+    def add_config(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser("config", help="print the full resolved config (YAML) of a preset, recipe or YAML file",
+                           formatter_class=HelpFormatter,
+                           description="Print every value a run would use (the preset, then the file, then --set), "
+                                       "as YAML that `train` reads back.")
+        p.add_argument("config", help=self.config_help)
+        add_set(p, self.set_example)
+        return p
+
     def add_all(self, sub) -> None:
-        for add in (self.add_train, self.add_eval, self.add_predict, self.add_presets):
+        for add in (self.add_train, self.add_eval, self.add_predict, self.add_presets, self.add_config):
             add(sub)
 
     def _device_and_model_options(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto")
-        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if self.model_options is not None:
             add_set(p, self.set_example)
             self.model_options(p)
@@ -108,10 +138,14 @@ class TaskCommands:
     # -- running --------------------------------------------------------------------------------------------
 
     def run(self, verb: str, args: argparse.Namespace) -> int:
-        jobs = self.jobs()
-        if verb == "presets":
-            print("\n".join(self.presets() if self.presets else jobs.TASK.presets.names()))
+        if verb == "config":
+            load = self.load_config or self.jobs().TASK.load_config
+            print(yaml.safe_dump(to_dict(load(args.config, args.overrides)), sort_keys=False), end="")
             return 0
+        if verb == "presets":
+            print("\n".join(self.presets() if self.presets else self.jobs().TASK.presets.names()))
+            return 0
+        jobs = self.jobs()
         if verb == "train":
             task = jobs.TASK
             cfg = task.load_config(args.config, args.overrides)
@@ -161,6 +195,13 @@ def _add_early_exit(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-budget-ms", type=float, help="anytime inference: stop the cascade past this budget")
 
 
+def _detection_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="", metavar="FILE_OR_URL",
+                   help="run the preset named first with these weights (an MMDetection v2/v3 .pth or one of "
+                        "ours; a URL is downloaded once into ~/.cache/cascadevision); same as --set model.weights=")
+    _add_early_exit(p)
+
+
 def model_overrides(args) -> dict:
     """--set values and early-exit options for eval/predict: only model.* keys make sense there."""
     nested = parse_overrides(args.overrides)
@@ -178,12 +219,14 @@ def model_overrides(args) -> dict:
 
 
 def _detection_report(jobs, metrics: dict, cfg) -> None:
-    if metrics and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+    scored = "bbox" in metrics or "segm" in metrics  # nothing to tabulate after train.eval_at_end=false
+    if scored and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(jobs.format_metrics(metrics, title=cfg.model.preset or "model"))
 
 
 def _detection_eval(jobs, args) -> int:
     metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=model_overrides(args),
+                                  weights=args.weights,
                                   device=args.device, progress=not args.no_progress, class_map=args.class_map)
     print(jobs.format_metrics(metrics))
     if "early_exit" in metrics:
@@ -193,6 +236,7 @@ def _detection_eval(jobs, args) -> int:
 
 def _detection_predict(jobs, args) -> int:
     summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
+                                  weights=args.weights,
                                   overrides=model_overrides(args), device=args.device, progress=not args.no_progress)
     return report_failures(summary, f"wrote {{count}} overlays and results.json to {Path(args.out)}")
 
@@ -211,18 +255,32 @@ def _score_thr(p: argparse.ArgumentParser) -> None:
 
 DETECTION = TaskCommands(
     module="cascadevision.tasks.detection", set_example="model.rpn.nms_iou=0.6",
-    config_help="a preset name (see `cascadevision presets`) or a YAML config file",
+    config_help="a preset or recipe name (see `cascadevision presets`) or a YAML config file",
     train_help="train a detector (works under torchrun for DDP)",
     eval_help="COCO bbox/segm evaluation of a checkpoint",
     predict_help="draw predictions on images and write COCO-style results",
-    presets_help="list the model presets",
+    presets_help="list the model presets (what each is, its parameters) and the YAML recipes",
     weights_help="initial weights: checkpoint, MMDetection .pth or ImageNet ResNet",
-    train_data=(("--train-ann", None), ("--train-images", None),
-                ("--train-semantic", "directory of semantic label-map PNGs (HTC)"), ("--val-ann", None),
-                ("--val-images", None)),
-    eval_inputs=(("--ann", None), ("--images", None)), eval_out_help="directory for results.json and metrics.json",
-    eval_options=_class_map, predict_options=_score_thr, model_options=_add_early_exit,
-    report_training=_detection_report, evaluate=_detection_eval, predict=_detection_predict)
+    train_data=(("--train-ann", "COCO instance annotations (JSON) of the training split"),
+                ("--train-images", "directory of the training images"),
+                ("--train-semantic", "directory of semantic label-map PNGs (HTC; without it HTC derives "
+                                     "things-only labels from the instance masks)"),
+                ("--val-ann", "COCO annotations of the validation split (scored at the end, train.eval_at_end)"),
+                ("--val-images", "directory of the validation images")),
+    eval_inputs=(("--ann", "COCO annotation JSON to score against"), ("--images", "directory of its images")),
+    eval_out_help="directory for results.json and metrics.json",
+    eval_options=_class_map, predict_options=_score_thr, model_options=_detection_model_options,
+    checkpoint_help="a checkpoint written by `train`, or a preset name (or YAML config) to run with --weights; "
+                    "an existing file is read as a checkpoint",
+    report_training=_detection_report, evaluate=_detection_eval, predict=_detection_predict,
+    presets=lambda: _presets_module().preset_table().splitlines(),
+    load_config=lambda name, overrides: _presets_module().load_config(name, overrides))
+
+
+def _presets_module():
+    # function-local: cascadevision.presets imports the models package (torch); the CLI start-up stays light
+    from . import presets
+    return presets
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,8 +322,10 @@ SEGMENTATION = TaskCommands(
     weights_help="initial weights: a checkpoint or an ImageNet ResNet state dict",
     train_data=(("--train-images", "directory of training images"),
                 ("--train-labels", "directory of label-map PNGs named like the images (255 = ignore)"),
-                ("--val-images", None), ("--val-labels", None),
+                ("--val-images", "directory of validation images (scored at the end)"),
+                ("--val-labels", "directory of the validation label-map PNGs"),
                 ("--classes", "JSON list of class names (default: semantic_classes.json near the labels)")),
-    eval_inputs=(("--images", None), ("--labels", None)), eval_out_help="directory for metrics.json and metrics.md",
+    eval_inputs=(("--images", "directory of the images"), ("--labels", "directory of their label-map PNGs")),
+    eval_out_help="directory for metrics.json and metrics.md",
     predict_options=_alpha, report_training=_segmentation_report, evaluate=_segmentation_eval,
     predict=_segmentation_predict)

@@ -72,6 +72,9 @@ def test_errors_are_one_line(dataset, tmp_path, capsys):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     assert main(["eval", str(bad), "--ann", "x.json", "--images", "."]) == 2
+    assert "x.json: annotation file not found" in capsys.readouterr().err  # the data is checked first
+    assert main(["eval", str(bad), "--ann", str(dataset / "annotations/instances_val.json"),
+                 "--images", str(dataset / "images/val")]) == 2
     assert "bad.pth" in capsys.readouterr().err
     torch.save({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}}, bad)
     assert main(["predict", str(bad), str(dataset / "images/val"), "--out", str(tmp_path / "p")]) == 2

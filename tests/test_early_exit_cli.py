@@ -84,3 +84,37 @@ def test_anytime_evaluation_under_a_time_budget(checkpoint, tmp_path, capsys):
     assert main(["exits", "evaluate", str(checkpoint), "--out", str(tmp_path), "--set", "run.mode=anytime",
                  "--set", "run.budget_ms=0"]) == 0
     assert json.loads((tmp_path / "stats.json").read_text())["statistics"]["counts"][1:] == [0, 0]
+
+
+def test_a_run_directory_from_train_to_evaluate(tmp_path, monkeypatch, capsys):
+    """The README's flow: train writes runs/exits-PRESET, the other commands take that directory, evaluate
+    uses the thresholds calibrate wrote there (and says so), and train does not replace a run unasked."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    tiny = TINY + ["--set", "train.epochs=1", "--set", "train.gate_epochs=5"]
+    assert main(["exits", "train", "--preset", "mobile", "--quiet", *tiny]) == 0
+    run = tmp_path / "runs" / "exits-mobile"
+    assert (run / "model.pth").is_file()
+    capsys.readouterr()
+    assert main(["exits", "train", "--preset", "mobile", "--quiet", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "runs/exits-mobile: holds another run" in err and "--overwrite" in err and "--resume" not in err
+
+    assert main(["exits", "calibrate", "runs/exits-mobile", "--max-drop", "1"]) == 0
+    plan = json.loads((run / "thresholds.json").read_text())
+    capsys.readouterr()
+    assert main(["exits", "evaluate", "runs/exits-mobile"]) == 0
+    assert "thresholds: runs/exits-mobile/thresholds.json (from `exits calibrate`" in capsys.readouterr().out
+    report = json.loads((run / "eval" / "stats.json").read_text())
+    assert report["calibration"]["thresholds"] == plan["thresholds"]
+    # an explicit policy is not the calibrated one, and says nothing about thresholds.json
+    assert main(["exits", "evaluate", "runs/exits-mobile", "--policy", "entropy", "--out", "entropy"]) == 0
+    assert "thresholds:" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "entropy" / "stats.json").read_text())["calibration"] is None
+
+    assert main(["exits", "calibrate", "runs", "--max-drop", "1"]) == 2
+    assert "runs: no model.pth in this run directory" in capsys.readouterr().err
+    assert main(["exits", "train", "--preset", "mobile", "--quiet", "--overwrite", *tiny]) == 0
+    assert "removed the earlier run's model.pth, thresholds.json, eval" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["model.pth", "train.lock"]
+    torch.set_num_threads(threads)

@@ -197,6 +197,29 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.ann_file}: annotation {inst.ann_id} (image {path.name}): "
                                f"cannot decode segmentation ({exc})") from None
 
+    def semantic_label_count(self, max_maps: int = 1000) -> tuple[int, int]:
+        """(largest label + 1, maps read) over the label maps of `semantic_dir`, 255 (ignore) left out: the class
+        count a semantic head needs for them. Every map is read when there are at most `max_maps`, else
+        `max_maps` spread evenly over the dataset (a label beyond them stops training with the map's name)."""
+        if self.semantic_dir is None:
+            raise ValueError("semantic_label_count needs a semantic_dir")
+        records = self._records
+        if len(records) > max_maps:
+            records = [records[i * len(records) // max_maps] for i in range(max_maps)]
+        largest = -1
+        for record in records:
+            path = self._semantic_path(record)
+            if not path.is_file():
+                raise DatasetError(f"{path}: semantic map not found (for image {record.image_id}, {record.file_name})")
+            labels = load_label_map(path).unique()
+            labels = labels[labels != 255]
+            if len(labels):
+                largest = max(largest, int(labels.max()))
+        if largest < 0:
+            raise DatasetError(f"{self.semantic_dir}: the {len(records)} semantic maps read hold no label but 255 "
+                               "(ignore): nothing for the semantic head to learn")
+        return largest + 1, len(records)
+
     def _semantic_path(self, record: _ImageRecord) -> Path:
         assert self.semantic_dir is not None
         relative = Path(record.file_name).with_suffix(".png")

@@ -1,14 +1,19 @@
 """`cascadevision exits train|calibrate|evaluate|bench`: early-exit classifiers on the bundled digits.
 
-    cascadevision exits train --preset cloud --dataset digits_hard --out runs/exits
-    cascadevision exits calibrate runs/exits/model.pth --max-drop 0.5          # -> runs/exits/thresholds.json
-    cascadevision exits calibrate runs/exits/model.pth --budget 0.5 --policy entropy --out runs/exits/budget.json
-    cascadevision exits evaluate runs/exits/model.pth --thresholds runs/exits/thresholds.json   # table, JSON, PNG
-    cascadevision exits bench runs/exits/model.pth --thresholds runs/exits/thresholds.json --batch-sizes 1 256
-    cascadevision exits evaluate runs/exits/model.pth --set run.mode=anytime --set run.budget_ms=20   # time budget
+    cascadevision exits train --preset mobile                       # -> runs/exits-mobile/model.pth
+    cascadevision exits calibrate runs/exits-mobile --max-drop 0.5  # -> runs/exits-mobile/thresholds.json
+    cascadevision exits evaluate runs/exits-mobile                  # with those thresholds -> runs/exits-mobile/eval/
+    cascadevision exits bench runs/exits-mobile --batch-sizes 1 256 # wall clock, with those thresholds
+    cascadevision exits train --preset cloud --dataset digits_hard --out runs/hard
+    cascadevision exits calibrate runs/hard --budget 0.5 --policy entropy --out runs/hard/budget.json
+    cascadevision exits evaluate runs/hard --thresholds runs/hard/budget.json --out runs/hard/eval-budget
+    cascadevision exits evaluate runs/hard --set run.mode=anytime --set run.budget_ms=20   # time budget
 
-`exits evaluate` runs `compact` (real early exit) and checks it against `simulate`; with run.mode=anytime it
-runs every batch under the time budget instead.
+A run is a directory (or its model.pth). `exits train` refuses a directory that already holds something unless
+given --overwrite. `exits evaluate` and `exits bench` use the run's thresholds.json when `exits calibrate`
+wrote one (and say so); --thresholds FILE or --policy NAME choose otherwise. `exits evaluate` runs `compact`
+(real early exit) and checks it against `simulate`; with run.mode=anytime it runs every batch under the time
+budget instead.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ from pathlib import Path
 
 from ..commands import add_set
 from ..config import parse_overrides, update
+from ..engine.rundir import RunLock, prepare_run_dir, remove_leftovers
 from ..errors import ConfigError
 from .policies import POLICY_KINDS
-from .pipeline import (bench_run, calibrate_run, evaluate_anytime, evaluate_run, format_bench, load_calibration,
-                       load_run, policy_from_calibration, set_threads, train_run)
+from .pipeline import (EVAL_DIR, MODEL_FILE, RUN_FILES, THRESHOLDS_FILE, bench_run, calibrate_run, evaluate_anytime,
+                       evaluate_run, format_bench, load_calibration, load_run, policy_from_calibration, run_checkpoint,
+                       run_thresholds, set_threads, train_run)
 from .presets import DEFAULT_PRESET, exits_config, preset_names
 
 
@@ -38,32 +45,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a multi-exit model (and its exit gates) on the digits")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=preset_names())
     p.add_argument("--dataset", choices=["digits", "digits_hard"], help="shorthand for --set data.dataset=...")
-    p.add_argument("--out", required=True, help="run directory: model.pth is written there")
+    p.add_argument("--out", help="run directory: model.pth is written there (default: runs/exits-PRESET)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its model.pth, thresholds.json and eval/ are removed)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     _add_set(p)
 
     p = sub.add_parser("calibrate", help="choose per-exit thresholds on the val split")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", metavar="RUN", help="a run directory (of `exits train`) or its model.pth")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--max-drop", type=float, help="accuracy points allowed below the full model, e.g. 0.5")
     goal.add_argument("--target-accuracy", type=float, help="accuracy to reach, in [0, 1]")
     goal.add_argument("--budget", type=float, help="average compute as a fraction of the full model, e.g. 0.5")
     p.add_argument("--policy", choices=[k for k in POLICY_KINDS if k != "none"], help="default: the checkpoint's")
-    p.add_argument("--out", help="thresholds JSON (default: thresholds.json next to the checkpoint)")
+    p.add_argument("--out", help="thresholds JSON (default: the run's thresholds.json)")
     _add_set(p)
 
     p = sub.add_parser("evaluate", help="exit table, stats.json and the accuracy-vs-compute PNG on the test split")
-    p.add_argument("checkpoint")
-    p.add_argument("--thresholds", help="a JSON from `exits calibrate` (default: the checkpoint's policy)")
-    p.add_argument("--policy", choices=POLICY_KINDS, help="use this policy with its configured thresholds")
+    p.add_argument("checkpoint", metavar="RUN", help="a run directory (of `exits train`) or its model.pth")
+    _add_policy_choice(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", help="output directory (default: eval/ next to the checkpoint)")
+    p.add_argument("--out", help="output directory (default: the run's eval/)")
     _add_set(p)
 
     p = sub.add_parser("bench", help="wall clock: full model vs compact early exit vs simulate")
-    p.add_argument("checkpoint")
-    p.add_argument("--thresholds", help="a JSON from `exits calibrate` (default: the checkpoint's policy)")
-    p.add_argument("--policy", choices=POLICY_KINDS)
+    p.add_argument("checkpoint", metavar="RUN", help="a run directory (of `exits train`) or its model.pth")
+    _add_policy_choice(p)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="also write the rows as JSON here")
@@ -71,36 +78,60 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _policy(run, args):
-    """The policy of a command: a thresholds file, else --policy, else the checkpoint's; and its calibration."""
+def _add_policy_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--thresholds", help="a JSON from `exits calibrate` (default: the run's thresholds.json if "
+                                        "there is one, else the checkpoint's policy)")
+    p.add_argument("--policy", choices=POLICY_KINDS,
+                   help="use this policy with its configured thresholds (not the run's thresholds.json)")
 
-    if getattr(args, "thresholds", None):
-        calibration = load_calibration(args.thresholds)
+
+def _policy(run, checkpoint: Path, args):
+    """The policy of a command and its calibration: --thresholds FILE, else --policy NAME (its configured
+    thresholds), else the run's thresholds.json (said so), else the checkpoint's policy."""
+    if args.thresholds and args.policy:
+        raise ConfigError("give --thresholds (a calibrated policy) or --policy (a configured one), not both")
+    thresholds = args.thresholds
+    if not thresholds and not args.policy:
+        thresholds = run_thresholds(checkpoint)
+        if thresholds:
+            print(f"thresholds: {thresholds} (from `exits calibrate`; --thresholds FILE or --policy NAME to use "
+                  "others)")
+    if thresholds:
+        calibration = load_calibration(thresholds)
         return policy_from_calibration(run, calibration), calibration
     cfg = run.cfg.early_exit if not args.policy else update(run.cfg.early_exit, {"policy": args.policy})
     return run.policy(cfg), None
+
+
+def _train(args) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.dataset:
+        overrides.setdefault("data", {}).setdefault("dataset", args.dataset)
+    cfg = exits_config(args.preset, overrides)  # a config error comes before anything is written
+    out = Path(args.out or f"runs/exits-{args.preset}")
+    prepare_run_dir(out, overwrite=args.overwrite, run_files=RUN_FILES, resumable=False)
+    with RunLock(out):
+        remove_leftovers(out)
+        train_run(cfg, out, log=None if args.quiet else print)
+    print(f"wrote {out / MODEL_FILE}")
+    return 0
 
 
 def run(args) -> int:
     """Dispatch `cascadevision exits <command>`; returns the exit status."""
     command = args.exits_command
     if command == "train":
-        overrides = parse_overrides(args.overrides)
-        if args.dataset:
-            overrides.setdefault("data", {}).setdefault("dataset", args.dataset)
-        cfg = exits_config(args.preset, overrides)
-        train_run(cfg, args.out, log=None if args.quiet else print)
-        print(f"wrote {Path(args.out) / 'model.pth'}")
-        return 0
+        return _train(args)
 
-    run_ = load_run(args.checkpoint, parse_overrides(args.overrides))
+    checkpoint = run_checkpoint(args.checkpoint)
+    run_ = load_run(checkpoint, parse_overrides(args.overrides))
     set_threads(run_.cfg.train.threads)
     if command == "calibrate":
         policy_cfg = (run_.cfg.early_exit if not args.policy
                       else update(run_.cfg.early_exit, {"policy": args.policy}))
         _, calibration = calibrate_run(run_, policy_cfg, target_accuracy=args.target_accuracy,
                                        max_drop=args.max_drop, budget_fraction=args.budget)
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "thresholds.json"
+        out = Path(args.out) if args.out else checkpoint.parent / THRESHOLDS_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
         shown = ", ".join("closed" if t in (float("inf"), float("-inf")) else f"{t:.4g}"
@@ -112,22 +143,23 @@ def run(args) -> int:
               f"exits " + " / ".join(f"{100 * f:.1f}%" for f in calibration.fractions))
         print(f"wrote {out}")
         return 0
-    policy, calibration = _policy(run_, args)
     if command == "evaluate":
-        out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+        out = Path(args.out) if args.out else checkpoint.parent / EVAL_DIR
         if run_.cfg.run.mode not in ("compact", "simulate", "anytime"):
             raise ConfigError(f"run.mode must be compact, simulate or anytime, got {run_.cfg.run.mode!r}")
-        if run_.cfg.run.mode == "anytime":
+        if run_.cfg.run.mode == "anytime":  # no exit policy: every batch runs until the budget is spent
             report = evaluate_anytime(run_, run_.cfg.run.budget_ms, run_.cfg.run.anytime_answer, args.split, out)
             print(report["table"])
             print(f"wrote {out / 'table.md'}, {out / 'stats.json'}")
             return 0
+        policy, calibration = _policy(run_, checkpoint, args)
         report = evaluate_run(run_, policy, calibration, out, split=args.split)
         print(report["table"])
         print(f"compact == simulate: {report['compact_matches_simulate']}")
         print(f"wrote {out / 'table.md'}, {out / 'stats.json'}, {out / 'curve.png'}")
         return 0
     if command == "bench":
+        policy, _ = _policy(run_, checkpoint, args)
         rows = bench_run(run_, policy, args.batch_sizes, args.repeats)
         print(format_bench(rows, f"{run_.cfg.data.dataset}: {policy.describe()}"))
         if args.out:

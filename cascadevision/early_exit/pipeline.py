@@ -3,6 +3,9 @@
 The CLI (`cascadevision exits ...`) and `benchmarks/bench_early_exit.py` are thin layers over these functions.
 A checkpoint holds the model, the learned gates (always trained: they are cheap) and, in `meta`, the config,
 the per-stage costs and the per-exit accuracies.
+
+A run directory holds `model.pth` (`exits train`), `thresholds.json` (`exits calibrate`) and `eval/`
+(`exits evaluate`); the commands take the directory or the checkpoint file.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..config import EarlyExitConfig, to_dict, update
+from ..engine.rundir import LOCK_NAME
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError
 from .calibration import Calibration, assign_exits, budget_sweep, calibrate, choose_policy, summarize_exits
@@ -30,6 +34,29 @@ from .stats import ExitStatistics, plot_accuracy_vs_compute
 from .training import train_gates, train_multi_exit
 
 Log = Callable[[str], None] | None
+
+MODEL_FILE = "model.pth"
+THRESHOLDS_FILE = "thresholds.json"
+EVAL_DIR = "eval"
+# what the commands write into a run directory: `exits train --overwrite` removes these and nothing else
+RUN_FILES = (MODEL_FILE, THRESHOLDS_FILE, EVAL_DIR, LOCK_NAME)
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a command was given: a run directory's `model.pth`, or the file itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path}: no {MODEL_FILE} in this run directory; make one with "
+                              f"`cascadevision exits train --out {path}`")
+    return path / MODEL_FILE
+
+
+def run_thresholds(checkpoint: str | Path) -> Path | None:
+    """The `thresholds.json` that `exits calibrate` wrote next to `checkpoint`, if there is one."""
+    path = Path(checkpoint).parent / THRESHOLDS_FILE
+    return path if path.is_file() else None
 
 
 def set_threads(threads: int) -> None:
@@ -114,7 +141,7 @@ def train_run(cfg: ExitsConfig, out_dir: str | Path | None = None, log: Log = pr
         log("MMACs per sample at each exit: " + " ".join(f"{c / 1e6:.3f}" for c in costs.cumulative)
             + f" (full model {costs.full / 1e6:.3f})")
     if out_dir is not None:
-        save_run(run, Path(out_dir) / "model.pth")
+        save_run(run, Path(out_dir) / MODEL_FILE)
     return run
 
 
@@ -125,7 +152,9 @@ def save_run(run: ExitRun, path: str | Path) -> Path:
 
 
 def load_run(path: str | Path, overrides: dict | None = None) -> ExitRun:
-    """A run from `model.pth`; `overrides` (nested dict) may change data/policy/run/train settings, not the model."""
+    """A run from its directory or its `model.pth`; `overrides` (nested dict) may change data/policy/run/train
+    settings, not the model."""
+    path = run_checkpoint(path)
     state = load_checkpoint(path)
     meta = state.get("meta") or {}
     if "config" not in meta or "state_dict" not in state:

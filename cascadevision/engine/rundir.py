@@ -26,8 +26,9 @@ _LEFTOVER = re.compile(r"^\..+\.(tmp|\d+\.link)$")
 
 
 def check_run_dir(out_dir: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
-                  overwrite: bool = False) -> Path:
-    """Check, before any work and without writing anything, that a run may use `out_dir`."""
+                  overwrite: bool = False, resumable: bool = True) -> Path:
+    """Check, before any work and without writing anything, that a run may use `out_dir`. `resumable=False`:
+    the command has no --resume (its refusal does not offer one)."""
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise OutputError(f"{out_dir}: give --resume (continue the run) or --overwrite (replace it), not both")
@@ -40,20 +41,23 @@ def check_run_dir(out_dir: str | os.PathLike, *, resume: bool | str | os.PathLik
     found = _entries(out_dir)
     if found:
         listing = ", ".join(found[:6]) + (f", ... ({len(found)} entries)" if len(found) > 6 else "")
-        raise OutputError(f"{out_dir}: holds another run or other files ({listing}); use --resume to continue "
-                          "that run, --overwrite to replace it, or another --out")
+        resume_hint = "--resume to continue that run, " if resumable else ""
+        raise OutputError(f"{out_dir}: holds another run or other files ({listing}); use {resume_hint}"
+                          "--overwrite to replace it, or another --out")
     return out_dir
 
 
 def prepare_run_dir(out_dir: str | os.PathLike, *, resume: bool | str | os.PathLike = False,
-                    overwrite: bool = False, log=print) -> Path:
+                    overwrite: bool = False, log=print, run_files: tuple[str, ...] = RUN_FILES,
+                    resumable: bool = True) -> Path:
     """`check_run_dir`, then create `out_dir` and check it is writable; with `overwrite`, remove the earlier
-    run's files (logging each). Call from process 0 only, before taking the lock."""
-    out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    run's files (`run_files`: what this kind of run writes; logging each). Call from process 0 only, before
+    taking the lock."""
+    out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, resumable=resumable)
     ensure_writable_dir(out_dir, "run directory")
     if overwrite:
-        removed = [name for name in RUN_FILES if name != LOCK_NAME and (out_dir / name).exists()]
-        kept = [name for name in _entries(out_dir) if name not in RUN_FILES]
+        removed = [name for name in run_files if name != LOCK_NAME and (out_dir / name).exists()]
+        kept = [name for name in _entries(out_dir) if name not in run_files]
         with RunLock(out_dir):  # never remove files a running trainer is writing
             for name in removed:
                 path = out_dir / name

@@ -3,11 +3,17 @@
 Files written under `out_dir` (by process 0 only):
     config.yaml                      the resolved config, at the start
     metrics.jsonl                    one JSON object per `log_interval` iterations, plus {"type": "eval", ...}
-    checkpoints/iter_{N:07d}.pth     full training state after N iterations (the last `keep_checkpoints` kept)
+    checkpoints/iter_{N:07d}.pth     full training state every `checkpoint_interval` iterations and at the end
+                                     (the last `keep_checkpoints` kept; a periodic one less than half an
+                                     interval before the end is removed once the end-of-run one is written)
     checkpoints/latest.pth           the newest of those
     checkpoints/final.pth            weights and meta only, at the end
     loss_curve.png                   at the end
     eval/                            results.json, metrics.json, coco_eval.txt when a val_dataset is given
+
+Progress, on process 0: on a terminal a progress bar (total loss and lr); otherwise, or with `progress=False`,
+one line on stderr per `log_interval` iterations (iteration, lr, total and main losses, it/s, ETA), so a log
+file stays readable and a run without a bar still says how it is doing.
 
 Resuming is exact: a run stopped after k iterations and resumed reaches the same weights, bit for bit on CPU,
 as one that never stopped. That needs (a) every RNG restored, (b) the same batches in the same order, and
@@ -183,6 +189,7 @@ class _Trainer:
                                                find_unused_parameters=find_unused_parameters)
         self.iteration = 0
         self.last_checkpoint: Path | None = None
+        self.log_lines = False  # set by run(): print a line per log_interval (no progress bar)
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -211,8 +218,9 @@ class _Trainer:
             kept = [line for line in self.metrics_path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("iteration", 0) <= start]
             atomic_write(self.metrics_path, lambda f: f.write("".join(f"{line}\n" for line in kept).encode()))
-        bar = tqdm(total=self.max_iters, initial=start, desc="train", dynamic_ncols=True,
-                   disable=not (progress and self.is_main))
+        show_bar = progress and self.is_main and sys.stderr.isatty()
+        self.log_lines = self.is_main and not show_bar  # a line per log_interval instead of the bar
+        bar = tqdm(total=self.max_iters, initial=start, desc="train", dynamic_ncols=True, disable=not show_bar)
         with bar:
             last_entry = self._train_loop(bar)
         result = {"iteration": self.iteration, "epoch": self._epoch_number(self.iteration), **last_entry}
@@ -226,7 +234,7 @@ class _Trainer:
             if evaluate_fn is None:
                 evaluate_fn = functools.partial(evaluate, cat_ids=val_cat_ids)
             metrics = evaluate_fn(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
-                                  progress=progress, num_workers=self.cfg.data.num_workers)
+                                  progress=show_bar, num_workers=self.cfg.data.num_workers)  # a bar on a terminal
             if self.is_main:
                 self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
             result.update(metrics)
@@ -323,6 +331,8 @@ class _Trainer:
             entry["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.is_main:
             self._append_metrics(entry)
+        if self.log_lines:
+            print(format_log_line(entry, self.max_iters), file=sys.stderr, flush=True)
         return {k: v for k, v in entry.items() if k not in ("type", "iteration", "epoch")}
 
     def _append_metrics(self, entry: dict) -> None:
@@ -352,8 +362,22 @@ class _Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": {"ranks": rng_states}})
             atomic_copy(path, self.checkpoint_dir / "latest.pth")
+            superseded = self._superseded_checkpoint()
+            if superseded is not None:
+                superseded.unlink(missing_ok=True)
             self._prune_checkpoints()
         self.last_checkpoint = path
+
+    def _superseded_checkpoint(self) -> Path | None:
+        """At the end of the run, the periodic checkpoint before it when it is less than half an interval older
+        (max_iters 460 with interval 153 would keep iter_459 beside iter_460: a near copy); else None."""
+        interval = self.cfg.train.checkpoint_interval
+        if self.iteration != self.max_iters or interval <= 0 or self.iteration % interval == 0:
+            return None
+        previous = self.iteration - self.iteration % interval
+        if previous <= 0 or self.iteration - previous >= interval / 2:
+            return None
+        return self.checkpoint_dir / f"iter_{previous:07d}.pth"
 
     def _prune_checkpoints(self) -> None:
         keep = self.cfg.train.keep_checkpoints
@@ -460,9 +484,38 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _smoothed(recent: deque) -> dict[str, str]:
-    keys = ["loss"] + [k for k in recent[-1] if "loss" in k and k != "loss"] + ["lr"]
-    return {k: f"{sum(v[k] for v in recent) / len(recent):.4g}" if k != "lr" else f"{recent[-1][k]:.2e}"
-            for k in keys}
+    """The progress bar's short postfix: the total loss over the last iterations and the current lr."""
+    return {"loss": f"{sum(v['loss'] for v in recent) / len(recent):.4g}", "lr": f"{recent[-1]['lr']:.2e}"}
+
+
+_STAGE_LOSS = re.compile(r"s(\d+)\.loss_(cls|bbox|mask)")
+
+
+def main_losses(entry: dict) -> list[tuple[str, float]]:
+    """The few losses worth reading in a log line, as (short name, value): RPN classification and box, the
+    last stage's classification, box and mask (cascades log `s{t}.loss_*` for every stage), the semantic
+    branch. A model whose loss names are none of these shows its first four terms instead."""
+    shown = [(short, entry[key]) for key, short in (("loss_rpn_cls", "rpn_cls"), ("loss_rpn_bbox", "rpn_bbox"))
+             if key in entry]
+    stages = [int(m.group(1)) for m in map(_STAGE_LOSS.fullmatch, entry) if m]
+    prefix = f"s{max(stages)}." if stages else ""
+    shown += [(f"{prefix}{name}", entry[f"{prefix}loss_{name}"]) for name in ("cls", "bbox", "mask")
+              if f"{prefix}loss_{name}" in entry]
+    if "loss_semantic_seg" in entry:
+        shown.append(("semantic", entry["loss_semantic_seg"]))
+    if not shown:
+        shown = [(key, entry[key]) for key in entry if "loss" in key and key != "loss"][:4]
+    return shown
+
+
+def format_log_line(entry: dict, max_iters: int) -> str:
+    """One metrics.jsonl entry as a line for a log file:
+    `iter 120/460  lr 1.42e-03  loss 2.314  rpn_cls 0.123 ... s2.mask 0.440 semantic 0.120  0.74 it/s  ETA 0:07:40`"""
+    losses = "  ".join(f"{name} {value:.3f}" for name, value in main_losses(entry))
+    speed = f"{1.0 / entry['time']:.2f} it/s" if entry.get("time", 0) > 0 else "- it/s"
+    eta = int(round(entry.get("eta", 0.0)))
+    return (f"iter {entry['iteration']}/{max_iters}  lr {entry['lr']:.2e}  loss {entry['loss']:.3f}  {losses}  "
+            f"{speed}  ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}")
 
 
 # ----------------------------------------------------------------------------------------------------------

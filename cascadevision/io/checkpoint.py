@@ -68,11 +68,15 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
-    """Call `write(binary_file)` on a temporary file in `path`'s directory, fsync it, rename it over `path`."""
+    """Call `write(binary_file)` on a temporary file in `path`'s directory, fsync it, rename it over `path`.
+
+    The file gets the mode `open(path, "w")` would give it (0644 under the usual umask 022)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # POSIX (Windows has no file modes to fix)
+            os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes 0600; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -91,6 +95,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _safetensors_bytes(state_dict: dict, meta: dict | None) -> bytes:

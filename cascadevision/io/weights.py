@@ -35,7 +35,7 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
 
 def load_weights(model: nn.Module, path_or_url: str | Path, *, sha256: str | None = None, strict_classes: bool = False,
                  progress: bool = True) -> dict:
-    """Load weights into `model` and return a report {'format', 'missing', 'unexpected', 'reinitialised'}.
+    """Load weights into `model` and return a report {'format', 'missing', 'unexpected', 'reinitialised', 'meta'}.
 
     `path_or_url` is a local file or an http(s)/file URL (downloaded once into the cache, see `hub.resolve`).
 
@@ -47,6 +47,14 @@ def load_weights(model: nn.Module, path_or_url: str | Path, *, sha256: str | Non
     """
     path = resolve(path_or_url, sha256=sha256, progress=progress)
     state, meta = read_state_dict(path)
+    return load_state(model, state, meta, source=path, strict_classes=strict_classes)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict, *, source: Path,
+               strict_classes: bool = False) -> dict:
+    """`load_weights` on a file already read (`read_state_dict(source)`): for a caller that first looks at the
+    file (its classes, see `weights_classes`) to build the model."""
+    path, state = source, dict(state)
     fmt = detect_format(state)
     if fmt == "efficientvit-classifier":
         target = getattr(model, "backbone", model)
@@ -90,6 +98,25 @@ def load_weights(model: nn.Module, path_or_url: str | Path, *, sha256: str | Non
     return {"format": fmt, "missing": missing, "unexpected": unexpected, "reinitialised": reinit, "meta": meta}
 
 
+def weights_classes(state: dict[str, torch.Tensor], meta: dict) -> tuple[int | None, list[str]]:
+    """(number of classes, class names) of a detector's weights file: the count from its class layers' shapes
+    (None when it has none), the names from its meta (ours: 'class_names'; MMDetection v2: 'CLASSES', v3:
+    'dataset_meta' -> 'classes'; [] when it names none)."""
+    count = None
+    for key, value in state.items():
+        if key.startswith("roi_head.") and key.endswith("fc_cls.weight"):
+            count = value.shape[0] - 1  # the classifier's last output is the background
+            break
+        if key.startswith("roi_head.mask_head") and key.endswith("conv_logits.weight"):
+            count = value.shape[0]  # one mask per class
+    dataset_meta = meta.get("dataset_meta")
+    names = (meta.get("class_names") or meta.get("CLASSES")
+             or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None) or [])
+    if isinstance(names, str):  # MMDetection stores a single class as a bare string
+        names = [names]
+    return count, [str(name) for name in names]
+
+
 def convert_to_safetensors(src: str | Path, dst: str | Path) -> int:
     """Write a checkpoint's weights (and our meta, as JSON metadata) to safetensors; returns the tensor count."""
     state, meta = read_state_dict(src)
@@ -108,18 +135,17 @@ def inspect_weights(path: str | Path) -> dict:
             "parameters": sum(v.numel() for k, v in state.items() if "num_batches_tracked" not in k
                               and "running_" not in k),
             "groups": groups}
+    num_classes, names = weights_classes(state, meta)
+    if num_classes is not None:
+        info["num_classes"] = num_classes
     cls = [k for k in state if k.endswith("fc_cls.weight")]
     if cls:
-        info["num_classes"] = state[cls[0]].shape[0] - 1
         info["num_stages"] = len(cls)
-    elif any(k.endswith("conv_logits.weight") and "semantic" not in k for k in state):
-        info["num_classes"] = next(v.shape[0] for k, v in state.items()
-                                   if k.endswith("conv_logits.weight") and "semantic" not in k)
     sem = state.get("roi_head.semantic_head.conv_logits.weight")
     if sem is not None:
         info["semantic_classes"] = sem.shape[0]
-    if meta.get("class_names"):
-        info["class_names"] = list(meta["class_names"])
+    if names:
+        info["class_names"] = names
     if isinstance(meta.get("config"), dict):
         info["preset"] = meta["config"].get("model", {}).get("preset", "")
     return info

@@ -91,6 +91,10 @@ PRESETS = {
     "cascade_mask_rcnn_efficientvit_m4_fpn": lambda: _efficientvit(_cascade(50, mask=True), "m4"),
 }
 
+# presets named after MMDetection's COCO configs: their published weights are COCO's 80 classes
+# (`cascadevision.data.coco_classes`), which `predict PRESET --weights FILE` assumes when the file names none
+COCO_PRESETS = frozenset(name for name in PRESETS if "_r50_" in name or "_r101_" in name)
+
 # training schedules that differ from the 1x default (12 epochs, steps at 8 and 11)
 TRAIN_PRESETS = {
     "htc_r50_fpn_20e": {"epochs": 20, "lr_steps": [16, 19]},

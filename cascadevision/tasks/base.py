@@ -46,7 +46,7 @@ class Task:
     prepare_training: Callable[[Any], Training] | None  # config -> datasets (checked), classes, evaluator
     format_metrics: Callable[..., str]
     check_checkpoint: Callable[[Path, dict], None] | None = None  # raises when a checkpoint is another task's
-    no_config_hint: str = ""  # what to do with a checkpoint that has no config of ours
+    no_config_hint: str = ""  # what to do with a checkpoint that has no config of ours ({path}: the file)
 
     def load_config(self, preset_or_path: str | Path | None = None, overrides: list[str] | dict | None = None):
         return self.presets.load(preset_or_path, overrides)
@@ -58,7 +58,7 @@ class Task:
         config = meta.get("config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: has no model config in its meta (not a cascadevision checkpoint)"
-                                  + (f"; {self.no_config_hint}" if self.no_config_hint else ""))
+                                  + (f"; {self.no_config_hint.format(path=path)}" if self.no_config_hint else ""))
         values = config.get("model", config)
         if self.check_checkpoint is not None:
             self.check_checkpoint(Path(path), values)

@@ -1,5 +1,12 @@
 """Detection (HTC, Cascade R-CNN, Mask/Faster R-CNN): the task description and the jobs the CLI runs (train,
-evaluate, predict), as plain functions a script can call too."""
+evaluate, predict), as plain functions a script can call too.
+
+Evaluation and prediction run either a checkpoint this library wrote, or a preset (or YAML config) with weights
+from elsewhere (an MMDetection model-zoo file or URL): `load_model(source, weights=...)`, where `model_source`
+says how `source` is read.
+
+    run_prediction("htc_r50_fpn_1x", ["photos/"], "preds", weights="https://download.openmmlab.com/...pth")
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,23 +16,28 @@ from pathlib import Path
 
 import torch
 
-from ..config import PREDICT_SCORE_THR, Config, ModelConfig
+from ..config import PREDICT_SCORE_THR, Config, ModelConfig, update
 from ..data import CocoDataset, RandomHorizontalFlip, check_dataset, match_classes
+from ..data.coco_classes import COCO_CLASSES, COCO_IDS
 from ..engine import evaluate
 from ..engine.evaluator import deferred_mask_pasting, results_to_coco
 from ..engine.trainer import resolve_device
-from ..errors import ConfigError, DatasetError
-from ..io.checkpoint import atomic_write
+from ..errors import CheckpointError, ConfigError, DatasetError
+from ..hub import is_url, resolve
+from ..io.checkpoint import atomic_write, read_state_dict
 from ..io.images import IMAGE_SUFFIXES, collect_images, unique_output_names
+from ..io.weights import detect_format, load_state, weights_classes
 from ..early_exit.detection import build_from_config  # the detector with its early-exit hook
+from ..models.presets import COCO_PRESETS
 from ..outputs import ensure_writable_dir
-from ..presets import DETECTION_PRESETS
+from ..presets import DETECTION_PRESETS, preset_config, preset_names
 from ..visualize import draw_predictions
 from .base import Task, Training, note, predict_images
 
 __all__ = ["DETECTION", "TASK", "IMAGE_SUFFIXES", "checkpoint_classes", "collect_images", "format_exit_summary",
-           "format_metrics", "load_model", "model_from_checkpoint", "resolve_device", "run_evaluation",
-           "run_prediction", "run_training", "train_datasets", "unique_output_names"]
+           "format_metrics", "load_model", "model_from_checkpoint", "model_from_weights", "model_source",
+           "resolve_device", "run_evaluation", "run_prediction", "run_training", "train_datasets",
+           "unique_output_names"]
 
 
 def train_datasets(cfg: Config):
@@ -78,24 +90,53 @@ def prepare_training(cfg: Config) -> Training:
                                "with annotations, or train.eval_at_end=false")
     model_cfg = dataclasses.replace(cfg.model, num_classes=train_set.num_classes,
                                     class_names=tuple(train_set.class_names))
-    if cfg.model.roi_head.htc.with_semantic and not cfg.data.train_semantic:
-        # things-only labels derived from the instance masks: one class per thing plus background
+    semantic_classes = semantic_head_size(cfg, train_set) if cfg.model.roi_head.htc.with_semantic else None
+    if semantic_classes is not None:
         head = model_cfg.roi_head
         model_cfg = dataclasses.replace(model_cfg, roi_head=dataclasses.replace(
-            head, htc=dataclasses.replace(head.htc, semantic_num_classes=train_set.num_classes + 1)))
+            head, htc=dataclasses.replace(head.htc, semantic_num_classes=semantic_classes)))
     return Training(dataclasses.replace(cfg, model=model_cfg), train_set, val_set,
                     functools.partial(evaluate, cat_ids=val_cat_ids))
 
 
+def semantic_head_size(cfg: Config, train_set: CocoDataset) -> int | None:
+    """The HTC semantic head's class count for the training set, with a note saying how it was chosen: the label
+    maps' largest label + 1 (`data.train_semantic`), or things + background when the labels are derived from the
+    instance masks. None keeps the config's value when the user chose it (it differs from the preset's)."""
+    chosen = cfg.model.roi_head.htc.semantic_num_classes
+    preset = preset_config(cfg.model.preset) if cfg.model.preset else ModelConfig()
+    if chosen != preset.roi_head.htc.semantic_num_classes:
+        return None  # the user's; a label map beyond it stops training with the map's name
+    key = "model.roi_head.htc.semantic_num_classes"
+    if cfg.data.train_semantic:
+        count, read = train_set.semantic_label_count()
+        maps = f"all {read}" if read == len(train_set) else f"{read} (spread evenly) of the {len(train_set)}"
+        note(f"HTC semantic head: {count} classes, the largest label + 1 in {maps} label maps of "
+             f"{cfg.data.train_semantic} (255 = ignore); set {key} to choose another")
+    else:
+        count = train_set.num_classes + 1
+        note(f"HTC semantic head: {count} classes ({train_set.num_classes} things + background), derived from the "
+             f"instance masks of {cfg.data.train_ann}")
+    return count
+
+
 def format_metrics(metrics: dict, title: str = "") -> str:
-    """An AP table: one row per IoU type."""
+    """An AP table: one row per IoU type, the first column as wide as the title. A note under it names the
+    columns COCO left undefined (-1: the split has no ground truth of that size)."""
     cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    lines = [f"| {title or 'metric':<10} | " + " | ".join(f"{c:>5}" for c in cols) + " |",
-             "|" + "-" * 12 + "|" + "|".join("-" * 7 for _ in cols) + "|"]
-    for iou_type in ("bbox", "segm"):
-        if iou_type in metrics:
-            row = metrics[iou_type]
-            lines.append(f"| {iou_type:<10} | " + " | ".join(f"{row.get(c, float('nan')):5.1f}" for c in cols) + " |")
+    rows = [iou_type for iou_type in ("bbox", "segm") if iou_type in metrics]
+    title = title or "metric"
+    width = max(len(title), 10)
+    lines = [f"| {title:<{width}} | " + " | ".join(f"{c:>5}" for c in cols) + " |",
+             "|" + "-" * (width + 2) + "|" + "|".join("-" * 7 for _ in cols) + "|"]
+    for iou_type in rows:
+        row = metrics[iou_type]
+        lines.append(f"| {iou_type:<{width}} | " + " | ".join(f"{row.get(c, float('nan')):5.1f}" for c in cols) + " |")
+    sizes = {"APs": "small objects (area < 32²)", "APm": "medium objects (32² to 96²)", "APl": "large objects (> 96²)"}
+    undefined = [c for c in sizes if any(metrics[r].get(c) == -1 for r in rows)]
+    if undefined:
+        lines.append(f"note: {', '.join(undefined)} = -1: the split has no {' or '.join(sizes[c] for c in undefined)} "
+                     "in its ground truth, so COCO leaves that AP undefined")
     return "\n".join(lines)
 
 
@@ -114,7 +155,8 @@ def format_exit_summary(summary: dict) -> str:
 DETECTION = Task(
     name="detection", presets=DETECTION_PRESETS, model_config=ModelConfig, build_model=build_from_config,
     prepare_training=prepare_training, format_metrics=format_metrics,
-    no_config_hint="build the model with build_model(...) and use load_weights instead")
+    no_config_hint="if it holds a detector's weights (an MMDetection file, say), name the preset they belong to: "
+                   "`cascadevision predict PRESET --weights {path} IMAGES`")
 TASK = DETECTION  # what `cascadevision.commands` runs
 
 
@@ -135,8 +177,102 @@ def model_from_checkpoint(path: str | Path, **overrides):
     return DETECTION.model_from_checkpoint(path, overrides or None, device=None)
 
 
-def load_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto"):
-    return DETECTION.model_from_checkpoint(checkpoint, overrides, device)
+def model_source(source: str | Path, with_weights: bool) -> str:
+    """How eval and predict read their first argument: 'checkpoint' (a file this library wrote, which brings its
+    own config and weights) or 'config' (a preset name, or a YAML config, to be run with `--weights`).
+
+    An existing file is a checkpoint, unless it ends in .yaml/.yml; otherwise a name the config loader knows (a
+    preset; a YAML file) is a config; anything else is a one-line error naming both possibilities. A config
+    without weights, and a checkpoint with other weights, are errors too."""
+    text = str(source)
+    path = Path(text)
+    is_config = path.suffix.lower() in (".yaml", ".yml")
+    if path.is_file() and not is_config:
+        if with_weights:
+            raise ConfigError(f"{text} is a checkpoint and brings its own weights; --weights (model.weights) goes with "
+                              f"a preset name: `cascadevision predict PRESET --weights FILE_OR_URL IMAGES`")
+        return "checkpoint"
+    if path.is_file() or _names_a_config(text):
+        if not with_weights:
+            what = "config file" if is_config else "model preset" if text in preset_names() else "config recipe"
+            raise ConfigError(f"{text} is a {what}: give the weights to run it with, --weights FILE_OR_URL (e.g. an "
+                              "MMDetection COCO checkpoint)")
+        return "config"
+    if is_url(text):
+        name = Path(text).name
+        preset = max((p for p in preset_names() if name.startswith(p)), key=len, default="PRESET")
+        raise ConfigError(f"{text}: a URL names weights, not a model: pass the preset they belong to and the URL as "
+                          f"--weights, e.g. `cascadevision predict {preset} --weights {text} IMAGES`")
+    problem = "a directory" if path.is_dir() else "there is no such file"
+    raise ConfigError(f"{text}: neither a checkpoint file ({problem}) nor a model preset; give a "
+                      "checkpoint written by `cascadevision train`, or a preset (`cascadevision presets`) with "
+                      "--weights FILE_OR_URL")
+
+
+def _names_a_config(text: str) -> bool:
+    try:
+        DETECTION.load_config(text)
+    except ConfigError:
+        return False
+    return True
+
+
+def model_from_weights(config: str | Path, weights: str | Path, overrides: dict | None = None,
+                       device: str | None = "auto", progress: bool = True):
+    """(model, meta) for inference with weights trained elsewhere: the model `config` (a preset name or a YAML
+    file) describes, with as many classes as the weights file's class layers have (and its semantic head's
+    size), then `overrides` of the model section; every tensor of the file must fit (nothing is
+    re-initialised). `weights` is a file or a URL (downloaded once, see `hub.resolve`).
+
+    meta['class_names'] are the file's (its meta: ours, or MMDetection's CLASSES / dataset_meta) or, for an
+    80-class file that names none and a COCO preset, COCO's; meta['cat_ids'] are COCO's 1..90 ids when the
+    names are COCO's, else the file's own ids if it stores them, else []."""
+    model_cfg = DETECTION.load_config(config).model
+    path = resolve(weights, progress=progress)
+    state, file_meta = read_state_dict(path)
+    fmt = detect_format(state)
+    if fmt != "detector":
+        raise CheckpointError(f"{weights}: holds {fmt} weights, not a whole detector's; eval and predict need a "
+                              "detector checkpoint (ours, or MMDetection's v2/v3)")
+    count, names = weights_classes(state, file_meta)
+    if names and count is not None and len(names) != count:
+        raise CheckpointError(f"{weights}: its meta names {len(names)} classes but its class layers have {count}")
+    count = count if count is not None else len(names) or model_cfg.num_classes
+    ids = [int(i) for i in file_meta.get("cat_ids") or []]
+    if not names and count == len(COCO_CLASSES) and model_cfg.preset in COCO_PRESETS:
+        note(f"{weights} names no classes: taking them to be COCO's 80, as for {model_cfg.preset}'s published weights")
+        names = list(COCO_CLASSES)
+    if tuple(names) == COCO_CLASSES and not ids:
+        ids = list(COCO_IDS)
+    if len(ids) != count:
+        ids = []
+    sizes: dict = {"num_classes": count, "class_names": names}
+    semantic = state.get("roi_head.semantic_head.conv_logits.weight")
+    if semantic is not None and model_cfg.roi_head.htc.with_semantic:
+        sizes["roi_head"] = {"htc": {"semantic_num_classes": int(semantic.shape[0])}}
+    model_cfg = update(model_cfg, sizes, prefix="model.")
+    if overrides:
+        model_cfg = update(model_cfg, overrides, prefix="model.")
+    model = DETECTION.build_model(model_cfg)
+    load_state(model, state, file_meta, source=path, strict_classes=True)
+    meta = {"class_names": names, "cat_ids": ids, "weights": str(weights)}
+    if device is None:
+        return model, meta
+    return model.to(resolve_device(device)).eval(), meta
+
+
+def load_model(source: str | Path, overrides: dict | None = None, device: str = "auto", *, weights: str = "",
+               progress: bool = True):
+    """(model, meta) for eval and predict: a checkpoint of ours, or a preset/config with `weights` (see
+    `model_source`). `overrides` are model-section values; their `weights` key is the same as `weights`."""
+    overrides = dict(overrides or {})
+    set_weights = str(overrides.pop("weights", "") or "")
+    if weights and set_weights and str(weights) != set_weights:
+        raise ConfigError(f"--weights {weights} and --set model.weights={set_weights} disagree; give one of them")
+    weights = str(weights or set_weights)
+    if model_source(source, bool(weights)) == "checkpoint":
+        return DETECTION.model_from_checkpoint(source, overrides or None, device)
+    return model_from_weights(source, weights, overrides or None, device, progress=progress)
 
 
 def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
@@ -150,16 +286,18 @@ def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
 
 def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str | Path,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   class_map: str | dict | None = None) -> dict:
-    """COCO AP of a checkpoint on an annotation file, its classes matched to the file's categories by id and
-    name (`class_map` says how they relate when they differ; see `data.match_classes`)."""
+                   class_map: str | dict | None = None, weights: str = "") -> dict:
+    """COCO AP of a checkpoint (or of a preset with `weights`, see `load_model`) on an annotation file, its
+    classes matched to the file's categories by id and name (`class_map` says how they relate when they differ;
+    see `data.match_classes`)."""
     if out_dir:
         ensure_writable_dir(out_dir, "evaluation output directory")
-    model, meta = load_model(checkpoint, overrides, device)
-    dataset = CocoDataset(ann, images, train=False)
+    dataset = CocoDataset(ann, images, train=False)  # before the model: a wrong path fails before any download
+    model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
     names, ids = checkpoint_classes(model, meta)
+    source = f"weights ({meta['weights']})" if meta.get("weights") else f"checkpoint ({checkpoint})"
     mapping = match_classes(names, ids, dataset.class_names, dataset.cat_ids, class_map=class_map,
-                            model_source=f"checkpoint ({checkpoint})", dataset_source=f"annotation file ({ann})",
+                            model_source=source, dataset_source=f"annotation file ({ann})",
                             num_model_classes=model.cfg.num_classes)
     if mapping.note:
         note(mapping.note)
@@ -175,8 +313,10 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
 
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
-                   overrides: dict | None = None, device: str = "auto", progress: bool = True) -> list[dict]:
-    """Overlay PNGs (masks, boxes, class names, scores) and a COCO-style results JSON for images or folders.
+                   overrides: dict | None = None, device: str = "auto", progress: bool = True,
+                   weights: str = "") -> list[dict]:
+    """Overlay PNGs (masks, boxes, class names, scores) and a COCO-style results JSON for images or folders, from
+    a checkpoint of ours or a preset with `weights` (see `load_model`).
 
     Returns one entry per input file: {'file_name', 'overlay', 'detections'}, or {'file_name', 'error'} for a
     file that could not be read (it is skipped; the others are still predicted). results.json is written
@@ -184,7 +324,7 @@ def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
     """
     out_dir = ensure_writable_dir(out_dir, "prediction output directory")
     files = collect_images(inputs)
-    model, meta = load_model(checkpoint, overrides, device)
+    model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
     cat_ids = list(meta.get("cat_ids") or range(1, model.cfg.num_classes + 1))
     results = []
 

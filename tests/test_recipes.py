@@ -1,0 +1,80 @@
+"""Recipes: YAML configs shipped in the package (`cascadevision/configs/`, `configs/` in a checkout), found by
+name, and `cascadevision config` printing a resolved config that `train` reads back."""
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cascadevision.cli import main
+from cascadevision.config import to_dict
+from cascadevision.demo import demo_config
+from cascadevision.presets import RECIPES_DIR, load_config, recipe_names
+
+REPO = Path(__file__).parents[1]
+
+
+def plain(cfg) -> dict:
+    return json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists, as in the captured file
+
+
+def test_demo_recipe_gives_the_config_the_demo_trained_with_before_it_moved_to_yaml():
+    # captured from demo.demo_config(Path("DATA_DIR"), preset, max_iters, seed) before the recipe became a YAML
+    # file: the same model, data and schedule for both models the demo trains, at several lengths and seeds
+    before = json.loads((Path(__file__).parent / "data" / "demo_config_before_recipe.json").read_text())
+    assert len(before) == 12
+    for key, expected in before.items():
+        preset, max_iters, seed = key.split("/")
+        assert plain(demo_config(Path("DATA_DIR"), preset, int(max_iters), int(seed))) == expected, key
+    # without --max-iters the demo trains the recipe's 460 iterations
+    assert plain(demo_config(Path("DATA_DIR"), "htc_r18_fpn")) == before["htc_r18_fpn/460/0"]
+
+
+def test_demo_recipe_read_by_name_path_and_checkout_dir_is_one_file():
+    by_name = plain(load_config("demo_htc_r18"))
+    assert plain(load_config(RECIPES_DIR / "demo_htc_r18.yaml")) == by_name
+    assert plain(load_config(REPO / "configs" / "demo_htc_r18.yaml")) == by_name
+    assert (REPO / "configs").resolve() == RECIPES_DIR.resolve()
+    assert by_name["model"]["preset"] == "htc_r18_fpn" and by_name["train"]["max_iters"] == 460
+    assert by_name["model"]["backbone"]["base_channels"] == 32 and by_name["train"]["optimizer"] == "adamw"
+
+
+def test_a_recipe_name_works_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name is found in the package
+    assert load_config("demo_htc_r18").train.lr == 1.5e-3
+
+
+@pytest.mark.parametrize("name", ["htc_r50_fpn_1x", "htc_r50_fpn_20e"])
+def test_reference_schedule_files_equal_their_presets(name):
+    # the file writes the schedule out; it must be exactly the preset's (MMDetection's 1x / 20e)
+    assert plain(load_config(RECIPES_DIR / f"{name}.yaml")) == plain(load_config(name))
+    train = load_config(RECIPES_DIR / f"{name}.yaml").train
+    assert (train.epochs, tuple(train.lr_steps)) == {"htc_r50_fpn_1x": (12, (8, 11)),
+                                                      "htc_r50_fpn_20e": (20, (16, 19))}[name]
+
+
+def test_recipes_are_package_data():
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {p.name for pattern in patterns["cascadevision"] for p in (REPO / "cascadevision").glob(pattern)}
+    assert shipped == {f"{name}.yaml" for name in recipe_names()} and "demo_htc_r18.yaml" in shipped
+
+
+def test_config_command_prints_the_resolved_config_that_train_reads_back(tmp_path, capsys):
+    assert main(["config", "demo_htc_r18", "--set", "train.lr=0.01", "--set", "data.batch_size=2"]) == 0
+    printed = capsys.readouterr().out
+    values = yaml.safe_load(printed)
+    assert values["train"]["lr"] == 0.01 and values["data"]["batch_size"] == 2
+    assert values["train"]["max_iters"] == 460 and values["model"]["neck"]["out_channels"] == 64
+    assert set(values) == {"model", "data", "train"} and "rpn" in values["model"]  # every section, in full
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(printed)
+    assert plain(load_config(saved)) == plain(load_config("demo_htc_r18", ["train.lr=0.01", "data.batch_size=2"]))
+
+
+def test_config_command_on_a_preset_and_an_unknown_name(capsys):
+    assert main(["config", "htc_r50_fpn_20e"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lr_steps"] == [16, 19]
+    assert main(["config", "no_such_thing"]) == 2
+    error = capsys.readouterr().err
+    assert "no_such_thing" in error and "demo_htc_r18" in error and "htc_r18_fpn" in error
