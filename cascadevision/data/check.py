@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ..errors import DatasetError
-from .coco import _parse, _parse_images, _read_json
+from .coco import _parse, _parse_images, _read_json, semantic_map_path
 from .image import _one_line, load_label_map, open_image, to_rgb_tensor
 
 # EXIF orientations that turn the image by 90 degrees (width and height swap when the tag is applied)
@@ -62,7 +62,7 @@ def check_dataset(ann_file: str | os.PathLike, image_dir: str | os.PathLike, *,
         if problem:
             problems.append(f"{path}: {problem} ({where})")
         if semantic_dir is not None:
-            label_path = _semantic_path(semantic_dir, record.file_name)
+            label_path = semantic_map_path(semantic_dir, record.file_name)
             problem = _check_label_map(label_path, (record.width, record.height), deep)
             if problem:
                 problems.append(f"{label_path}: {problem} (semantic map for {where})")
@@ -145,17 +145,6 @@ def _size_problem(image: Image.Image, expected: tuple[int, int]) -> str | None:
     if expected in sizes:
         return None
     return f"image is {width}x{height} (width x height) but the JSON says {expected[0]}x{expected[1]}"
-
-
-def _semantic_path(semantic_dir: Path, file_name: str) -> Path:
-    """The label map of an image, as CocoDataset finds it: same relative path with .png, else the bare name."""
-    relative = Path(file_name).with_suffix(".png")
-    path = semantic_dir / relative
-    if not path.exists() and relative.parent != Path("."):
-        flat = semantic_dir / relative.name
-        if flat.exists():
-            return flat
-    return path
 
 
 def _without_path(message: str, path: Path) -> str:

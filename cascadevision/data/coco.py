@@ -222,13 +222,7 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def _semantic_path(self, record: _ImageRecord) -> Path:
         assert self.semantic_dir is not None
-        relative = Path(record.file_name).with_suffix(".png")
-        path = self.semantic_dir / relative
-        if not path.exists() and relative.parent != Path("."):
-            flat = self.semantic_dir / relative.name
-            if flat.exists():
-                return flat
-        return path
+        return semantic_map_path(self.semantic_dir, record.file_name)
 
     def _load_semantic(self, record: _ImageRecord, image_path: Path, height: int, width: int) -> torch.Tensor:
         path = self._semantic_path(record)
@@ -472,3 +466,15 @@ def _area(segmentation: Segmentation, w: float, h: float, record: _ImageRecord) 
         return float(mask_utils.area(rle))
     except (ValueError, TypeError):
         return float(w * h)
+
+
+def semantic_map_path(semantic_dir: Path, file_name: str) -> Path:
+    """The label map of image `file_name`: the same relative path with .png under `semantic_dir`, else the
+    bare file name there (label maps kept flat for images in sub-folders)."""
+    relative = Path(file_name).with_suffix(".png")
+    path = semantic_dir / relative
+    if not path.exists() and relative.parent != Path("."):
+        flat = semantic_dir / relative.name
+        if flat.exists():
+            return flat
+    return path
