@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/cascadevision demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_ops.py

@@ -11,6 +11,7 @@ examples:
   cascadevision eval runs/demo/checkpoints/final.pth \\
       --ann data/annotations/instances_val.json --images data/images/val
   cascadevision predict runs/demo/checkpoints/final.pth data/images/val --out preds
+  cascadevision serve runs/demo/checkpoints/final.pth          # HTTP: POST /predict, a web page at /
   cascadevision demo                                          # synthetic data -> train -> evaluate -> pictures
 
 `cascadevision COMMAND --help` lists a command's flags and their defaults.
@@ -22,7 +23,7 @@ import json
 import sys
 import warnings
 
-from .commands import DETECTION, SEGMENTATION, HelpFormatter, add_set, model_overrides
+from .commands import DETECTION, SEGMENTATION, HelpFormatter, add_serve, add_set, model_overrides, run_serve
 from .errors import CascadeVisionError, CheckpointError
 from .runtime import configure_cpu_runtime
 
@@ -91,6 +92,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     DETECTION.add_presets(sub)
     DETECTION.add_config(sub)
+    add_serve(sub)
 
     p = sub.add_parser("check-data", formatter_class=HelpFormatter,
                        help="check a COCO dataset: annotations, and every image's existence, "
@@ -180,6 +182,8 @@ def _run(args) -> int:
         run_demo(args.out, num_images=args.num_images, max_iters=args.max_iters, progress=not args.no_progress,
                  seed=args.seed)
         return 0
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "exits":
         from .early_exit.cli import run as run_exits  # CLI start-up stays light (see above)
 

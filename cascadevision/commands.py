@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PREDICT_SCORE_THR, REGION_POLICIES, parse_overrides, to_dict, update
+from .config import PREDICT_SCORE_THR, REGION_POLICIES, ServeConfig, parse_overrides, to_dict, update
 from .errors import ConfigError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -329,3 +329,54 @@ SEGMENTATION = TaskCommands(
     eval_out_help="directory for metrics.json and metrics.md",
     predict_options=_alpha, report_training=_segmentation_report, evaluate=_segmentation_eval,
     predict=_segmentation_predict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+
+def add_serve(sub) -> argparse.ArgumentParser:
+    defaults = ServeConfig()
+    p = sub.add_parser("serve", help="an HTTP server for a detector: POST /predict, GET /healthz, and a web page",
+                       formatter_class=HelpFormatter,
+                       description="Load the model once and answer image uploads with COCO-style JSON "
+                                   "(POST /predict, multipart field 'image'; POST /overlay answers a PNG); "
+                                   "GET / is a page to drop an image on, GET /healthz describes the model. "
+                                   "Requests that arrive together share a forward pass.",
+                       epilog="examples:\n"
+                              "  cascadevision serve runs/demo/checkpoints/final.pth\n"
+                              "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/predict?score_thr=0.5'\n"
+                              "  cascadevision serve model.onnx --port 8080   # a file `cascadevision export` wrote")
+    p.add_argument("checkpoint", help=DETECTION.checkpoint_help + "; or an exported .onnx / .pt2 file")
+    p.add_argument("--host", default=defaults.host,
+                   help="address to listen on (0.0.0.0: every interface, reachable from other machines)")
+    p.add_argument("--port", type=int, default=defaults.port, help="port to listen on (0: any free one)")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="requests stacked into one forward pass, at most")
+    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                   help="how long a request waits for others to share its forward pass")
+    p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
+                   help="the largest upload taken, in MiB")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                   help="the largest image taken (width x height), read from its header before decoding")
+    p.add_argument("--score-thr", type=float, default=defaults.score_thr,
+                   help="/predict's default score threshold (a request's ?score_thr= wins)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_set(p, DETECTION.set_example)
+    _detection_model_options(p)
+    return p
+
+
+def run_serve(args) -> int:
+    try:  # function-local: FastAPI, uvicorn and the model load when the server starts; the CLI start-up stays light
+        from .serve import run_server
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
+            raise
+        raise ConfigError(f"serve needs {exc.name}, which is not installed: pip install 'cascadevision[serve]'") from None
+
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_upload_bytes=max(1, round(args.max_upload_mb * 2**20)), max_pixels=args.max_pixels,
+                         score_thr=args.score_thr)
+    run_server(args.checkpoint, config, weights=args.weights, overrides=model_overrides(args), device=args.device)
+    return 0

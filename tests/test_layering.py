@@ -10,7 +10,7 @@ Floors, lowest first (a module's floor is that of the longest prefix listed):
     3 io, hub                                                    weights I/O: formats, loaders, name maps, files
     4 presets (+ each task's presets)                            named presets, schedules, the config loader
     5 data, engine, visualize (+ the tasks' datasets, metrics)   datasets, training and evaluation loops
-    6 tasks (+ the old task modules kept as re-exports)          a Task per task: train / evaluate / predict
+    6 tasks (+ the old task modules kept as re-exports), serve   a Task per task: train / evaluate / predict; the server
     7 commands, cli, demo (+ the tasks' command lines)           what people run
 """
 from __future__ import annotations
@@ -32,14 +32,14 @@ FLOORS = [
     ["presets", "segmentation.presets", "early_exit.presets"],
     ["data", "engine", "visualize", "segmentation.dataset", "segmentation.metrics", "segmentation.visualize",
      "early_exit.data"],
-    ["tasks", "pipeline", "weights", "segmentation.engine", "early_exit.pipeline"],
+    ["tasks", "pipeline", "weights", "segmentation.engine", "early_exit.pipeline", "serve"],
     ["commands", "cli", "demo", "segmentation.cli", "early_exit.cli"],
 ]
 
 # Package __init__ modules gather their submodules' names for users; they import upwards by design and are
 # not floors of their own (importing `cascadevision.models.backbone` runs them, but nothing imports *from*
 # them inside the package except the root's lazy `__getattr__`).
-AGGREGATORS = {"", "segmentation", "early_exit", "models", "engine", "data", "ops", "io", "tasks"}
+AGGREGATORS = {"", "segmentation", "early_exit", "models", "engine", "data", "ops", "io", "tasks", "serve"}
 
 # Old import paths kept working by a module-level `__getattr__` that imports the new home lazily, each marked
 # by a comment in its file. These and only these may point up a floor, and only from inside `__getattr__`.
