@@ -373,7 +373,8 @@ def run_serve(args) -> int:
     except ModuleNotFoundError as exc:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
             raise
-        raise ConfigError(f"serve needs {exc.name}, which is not installed: pip install 'cascadevision[serve]'") from None
+        raise ConfigError(f"serve needs {exc.name}, which is not installed: "
+                          "pip install 'cascadevision[serve]'") from None
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_upload_bytes=max(1, round(args.max_upload_mb * 2**20)), max_pixels=args.max_pixels,

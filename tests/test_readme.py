@@ -134,6 +134,10 @@ README_COMMANDS = {
     "htc_r50_fpn_1x_coco/htc_r50_fpn_1x_coco_20200317-7332cf16.pth some/images/ --out preds-coco":
         Skip("downloads MMDetection's 300 MB weights; tests/test_pretrained_cli.py runs this path on file:// "
              "URLs and an unreachable URL"),
+    "cascadevision serve runs/r18/checkpoints/final.pth":
+        Skip("serves until stopped; tests/test_serve.py starts it on a free port and sends it requests"),
+    "curl -F image=@photo.jpg http://127.0.0.1:8000/predict?score_thr=0.5":
+        Skip("a request to the running server; tests/test_serve.py sends these with httpx"),
     "cascadevision weights inspect FILE": Run(),
     "cascadevision weights convert IN OUT.safetensors": Run(expect=("tensors to",)),
     "cascadevision exits train --preset mobile": Run(extra=TINY_EXITS, expect=("wrote runs/exits-mobile/model.pth",)),

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_util
 
 from cascadevision.cli import main
 from cascadevision.config import to_dict
+from cascadevision.errors import CheckpointError
 from cascadevision.io.checkpoint import save_checkpoint
 from cascadevision.models.build import build_model
 from cascadevision.presets import load_config
@@ -276,3 +277,46 @@ def test_the_page_draws_what_the_server_found(server, model, tmp_path):
         outside[max(int(y1) - 18, 0):int(y2) + 4, max(int(x1) - 4, 0):] = False
     if outside.any():  # far from every detection the page shows the image as it is
         assert (np.abs(drawn - np.asarray(Image.open(io.BytesIO(data))).astype(int)).max(axis=2)[outside] <= 2).all()
+
+
+class ExportedStandIn:
+    """What `cascadevision.export.runtime.load_exported` returns, as its contract says: the eval-mode model's
+    call (full-size bool masks), `class_names`, `cat_ids`, `meta`. Here the tiny model stands in for the file."""
+
+    def __init__(self, model):
+        self.model = model
+        self.class_names, self.cat_ids, self.meta = CLASSES, CAT_IDS, {"preset": "tiny_exported"}
+
+    def __call__(self, images):
+        return self.model(images)
+
+
+def test_an_exported_file_is_served_through_the_export_runtime(tmp_path, monkeypatch, model):
+    """Without a socket: the app on httpx's ASGI transport. `.onnx` files go to export.runtime.load_exported."""
+    import types
+
+    from cascadevision.serve import create_app, load_predictor
+
+    onnx = tmp_path / "tiny.onnx"
+    onnx.write_bytes(b"not read by the stand-in")
+    monkeypatch.setitem(sys.modules, "cascadevision.export.runtime", None)  # as in an install without it
+    if "cascadevision.export" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "cascadevision.export", types.ModuleType("cascadevision.export"))
+    with pytest.raises(CheckpointError, match=r"tiny\.onnx: serving an exported model needs .*export\.runtime"):
+        load_predictor(onnx, device="cpu")
+    loaded = []
+    runtime = types.ModuleType("cascadevision.export.runtime")
+    runtime.load_exported = lambda path, device="cpu": loaded.append((Path(path), device)) or ExportedStandIn(model)
+    monkeypatch.setitem(sys.modules, "cascadevision.export.runtime", runtime)
+    predictor = load_predictor(onnx, device="cpu")
+    assert loaded == [(onnx, "cpu")] and predictor.name == "tiny_exported"
+
+    async def ask():
+        transport = httpx.ASGITransport(app=create_app(predictor))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            return (await client.get("/healthz")).json(), (await client.post(
+                "/predict", params={"score_thr": 0.2}, files={"image": ("a.png", png(0))})).json()
+
+    health, answer = asyncio.run(ask())
+    assert health["model"] == "tiny_exported" and [c["id"] for c in health["classes"]] == CAT_IDS
+    assert_same_detections(answer, direct(model, png(0), 0.2))

@@ -76,6 +76,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "query")
         return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):  # the model failed (out of memory, ...): logged by uvicorn
+        return JSONResponse({"error": f"the server failed on this request: {type(exc).__name__}: {_one_line(exc)}"},
+                            status_code=500)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8"))
