@@ -10,7 +10,7 @@ The clients run on the same machine and take CPU from the server: on a small or 
 lower bounds; say how loaded the machine was (`uptime`).
 
     python benchmarks/bench_serve.py                                  # the demo HTC checkpoint, 1 and 8 clients
-    python benchmarks/bench_serve.py --clients 1 4 8 --requests 20 --threads 2 --max-batch 8
+    python benchmarks/bench_serve.py --clients 1 4 8 --requests 20 --threads 2 --max-batch 8   # stack requests
     python benchmarks/bench_serve.py --checkpoint model.onnx          # an exported file, as `serve` takes it
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per client")
     parser.add_argument("--warmup", type=int, default=3, help="requests before measuring")
     parser.add_argument("--threads", type=int, default=2, help="the server's OMP/torch threads")
-    parser.add_argument("--max-batch", type=int, default=8, help="serve --max-batch")
+    parser.add_argument("--max-batch", type=int, default=0, help="serve --max-batch (0: its default for the device)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="serve --max-wait-ms")
     args = parser.parse_args()
 
@@ -130,7 +130,7 @@ def main() -> None:
         process.wait(timeout=30)
     load = os.getloadavg()
     print(f"model {health['model']} ({args.checkpoint}), {len(images)} images of {files[0].parent}, server: "
-          f"{args.threads} threads, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; "
+          f"{args.threads} threads, --max-batch {health['max_batch']} --max-wait-ms {args.max_wait_ms:g}; "
           f"server RSS after loading {loaded:.0f} MiB; load average before the end {load[0]:.2f} {load[1]:.2f} "
           f"(clients on the same machine)\n")
     print("| clients | requests | requests/s | p50 latency (ms) | p99 latency (ms) | mean batch | "

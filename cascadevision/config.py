@@ -240,13 +240,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# `serve --max-batch 0`: 8 on a GPU, 1 on the CPU, where a stacked forward of the demo HTC costs more than its
+# images one by one (benchmarks/bench_serve.py: 8 clients, 2.4 requests/s unbatched, 0.9 with batches of 4)
+SERVE_AUTO_BATCH = {"cuda": 8, "cpu": 1}
+
+
 @dataclass
 class ServeConfig:
     """`cascadevision serve`: where the server listens, how it batches requests and the largest upload it takes
     (not part of a model's `Config`: the CLI flags of `serve` set these)."""
     host: str = "127.0.0.1"  # localhost only, unless told otherwise
     port: int = 8000  # 0: any free port (the server prints the one it took)
-    max_batch: int = 8  # requests of one image size stacked into one forward
+    max_batch: int = 0  # requests of one image size stacked into one forward, at most; 0: SERVE_AUTO_BATCH
     max_wait_ms: float = 10.0  # how long the first request of a batch waits for others to join it
     max_upload_bytes: int = 20 * 2**20  # the largest request body, refused before it is read in full
     max_pixels: int = 50_000_000  # the largest image (width x height), refused from its header before decoding
@@ -512,7 +517,7 @@ _RULES: dict[type, dict[str, tuple]] = {
                     "stage_loss_weights": _at_least(0), "bbox_stds": _above(0), "finest_scale": _COUNT,
                     "early_exit.policy": _one_of(*REGION_POLICIES)},  # a cascade takes the region policies only
     ModelConfig: {"num_classes": _COUNT},
-    ServeConfig: {"port": _within(0, 65535), "max_batch": _COUNT, "max_wait_ms": _SIZE, "max_upload_bytes": _COUNT,
+    ServeConfig: {"port": _within(0, 65535), "max_batch": _SIZE, "max_wait_ms": _SIZE, "max_upload_bytes": _COUNT,
                   "max_pixels": _COUNT, "score_thr": _PROBABILITY},
     DataConfig: {"batch_size": _COUNT, "num_workers": _SIZE, "flip_prob": _PROBABILITY, "min_size": _SIZE},
     TrainConfig: {"epochs": _SIZE, "max_iters": _SIZE, "optimizer": _one_of("sgd", "adamw"), "lr": _above(0),

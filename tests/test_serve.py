@@ -198,7 +198,7 @@ def test_bad_uploads_get_a_one_line_4xx_and_the_server_goes_on(server, model):
 def test_start_up_errors_are_one_line_before_serving(tmp_path, capsys, checkpoint):
     assert main(["serve", str(tmp_path / "missing.pth"), "--port", "0"]) == 2
     assert main(["serve", str(tmp_path / "model.onnx"), "--port", "0"]) == 2
-    assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
+    assert main(["serve", str(checkpoint), "--max-batch", "-1"]) == 2
     with __import__("socket").create_server(("127.0.0.1", 0)) as taken:
         assert main(["serve", str(checkpoint), "--port", str(taken.getsockname()[1])]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -319,4 +319,5 @@ def test_an_exported_file_is_served_through_the_export_runtime(tmp_path, monkeyp
 
     health, answer = asyncio.run(ask())
     assert health["model"] == "tiny_exported" and [c["id"] for c in health["classes"]] == CAT_IDS
+    assert health["max_batch"] == 1  # the default on the CPU, where stacking images was measured slower
     assert_same_detections(answer, direct(model, png(0), 0.2))

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ..config import ServeConfig, validate
+from ..config import SERVE_AUTO_BATCH, ServeConfig, validate
 from ..data.image import _one_line, exif_transpose, to_rgb_tensor
 from ..engine.evaluator import results_to_coco
 from ..errors import DatasetError
@@ -50,7 +50,8 @@ class UploadRefused(Exception):
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     validate(config, "serve.")
-    batcher = Batcher(predictor, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
+    max_batch = config.max_batch or SERVE_AUTO_BATCH.get(predictor.device.type, 1)
+    batcher = Batcher(predictor, max_batch=max_batch, max_wait_s=config.max_wait_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,7 +90,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     async def healthz() -> dict:
         return {"ready": True, "model": predictor.name, "device": str(predictor.device),
                 "classes": [{"id": i, "name": n} for i, n in zip(predictor.cat_ids, predictor.class_names)],
-                "score_thr": config.score_thr, "max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms,
+                "score_thr": config.score_thr, "max_batch": max_batch, "max_wait_ms": config.max_wait_ms,
                 "max_upload_bytes": config.max_upload_bytes, "stats": batcher.stats()}
 
     async def predicted(request: Request, score_thr: float) -> tuple[torch.Tensor, dict]:
