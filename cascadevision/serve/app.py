@@ -82,9 +82,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         return JSONResponse({"error": f"the server failed on this request: {type(exc).__name__}: {_one_line(exc)}"},
                             status_code=500)
 
+    html = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")  # self-contained: no CDN
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(html)
 
     @app.get("/healthz")
     async def healthz() -> dict:
