@@ -322,3 +322,32 @@ def test_an_exported_file_is_served_through_the_export_runtime(tmp_path, monkeyp
     assert health["model"] == "tiny_exported" and [c["id"] for c in health["classes"]] == CAT_IDS
     assert health["max_batch"] == 1  # the default on the CPU, where stacking images was measured slower
     assert_same_detections(answer, direct(model, png(0), 0.2))
+
+
+def test_the_server_answers_while_the_model_computes():
+    """The model runs in its own thread: /healthz answers at once while a slow forward is under way."""
+    from cascadevision.serve import Predictor, create_app
+
+    started = []
+
+    def slow_model(images):
+        started.append(time.perf_counter())
+        time.sleep(1.0)
+        return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+                 "masks": torch.zeros(0, *image.shape[1:], dtype=torch.bool)} for image in images]
+
+    app = create_app(Predictor(slow_model, CLASSES, CAT_IDS, name="slow"))
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            slow = asyncio.create_task(client.post("/predict", files={"image": ("a.png", png(0))}))
+            while not started:
+                await asyncio.sleep(0.01)
+            begin = time.perf_counter()
+            health = await client.get("/healthz")
+            waited = time.perf_counter() - begin
+            return health, waited, await slow
+
+    health, waited, answer = asyncio.run(ask())
+    assert health.status_code == 200 and waited < 0.5, waited
+    assert answer.status_code == 200 and answer.json()["detections"] == []
