@@ -10,6 +10,7 @@ The clients run on the same machine and take CPU from the server: on a small or 
 lower bounds; say how loaded the machine was (`uptime`).
 
     python benchmarks/bench_serve.py                                  # the demo HTC checkpoint, 1 and 8 clients
+    python benchmarks/bench_serve.py --direct 16                      # and the same work without the server
     python benchmarks/bench_serve.py --clients 1 4 8 --requests 20 --threads 2 --max-batch 8   # stack requests
     python benchmarks/bench_serve.py --checkpoint model.onnx          # an exported file, as `serve` takes it
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # --direct imports this checkout's cascadevision
 DEMO = "/work/assets/demo_n0/htc_r18_fpn/checkpoints/final.pth"
 DEMO_IMAGES = "/work/assets/demo_n0/data/images/val"
 
@@ -99,6 +101,29 @@ def run_clients(url: str, images: list[bytes], clients: int, requests: int) -> d
             "mean_batch": (after["requests"] - before["requests"]) / max(forwards, 1)}
 
 
+def run_direct(checkpoint: str, images: list[bytes], threads: int, repeats: int) -> dict:
+    """The same work without the server, for comparison: decode, the model's forward, COCO results with RLE."""
+    import torch
+
+    from cascadevision.serve import decode_image, keep_scoring, load_predictor
+    from cascadevision.serve.app import coco_detections
+
+    torch.set_num_threads(threads)
+    predictor = load_predictor(checkpoint, device="cpu")
+    times = []
+    for n in range(repeats + 1):
+        start = time.perf_counter()
+        prediction = predictor([decode_image(images[n % len(images)], 10**9)])[0]
+        coco_detections(keep_scoring(prediction, 0.3), predictor)
+        if n:  # the first is warm-up
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"clients": "direct, no server", "requests": len(times), "rps": len(times) / sum(times),
+            "p50_ms": 1000 * statistics.median(times),
+            "p99_ms": 1000 * times[min(len(times) - 1, round(0.99 * (len(times) - 1)))], "mean_batch": 1.0,
+            "peak_rss_mib": peak_rss_mib(os.getpid())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=DEMO, help="what `cascadevision serve` loads")
@@ -110,6 +135,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="the server's OMP/torch threads")
     parser.add_argument("--max-batch", type=int, default=0, help="serve --max-batch (0: its default for the device)")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="serve --max-wait-ms")
+    parser.add_argument("--direct", type=int, default=0, metavar="N",
+                        help="also time N requests' work in this process without the server (decode, forward, "
+                             "COCO results), one at a time, after the server has stopped")
     args = parser.parse_args()
 
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -128,13 +156,15 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+    if args.direct:
+        rows.append(run_direct(args.checkpoint, images, args.threads, args.direct))
     load = os.getloadavg()
     print(f"model {health['model']} ({args.checkpoint}), {len(images)} images of {files[0].parent}, server: "
           f"{args.threads} threads, --max-batch {health['max_batch']} --max-wait-ms {args.max_wait_ms:g}; "
           f"server RSS after loading {loaded:.0f} MiB; load average before the end {load[0]:.2f} {load[1]:.2f} "
-          f"(clients on the same machine)\n")
+          f"(clients on the same machine); peak RSS: the server process's (direct: this process's)\n")
     print("| clients | requests | requests/s | p50 latency (ms) | p99 latency (ms) | mean batch | "
-          "server peak RSS (MiB) |")
+          "peak RSS (MiB) |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         print(f"| {r['clients']} | {r['requests']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
