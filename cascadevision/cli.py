@@ -11,7 +11,7 @@ examples:
   cascadevision eval runs/demo/checkpoints/final.pth \\
       --ann data/annotations/instances_val.json --images data/images/val
   cascadevision predict runs/demo/checkpoints/final.pth data/images/val --out preds
-  cascadevision serve runs/demo/checkpoints/final.pth          # HTTP: POST /predict, a web page at /
+  cascadevision serve runs/demo/checkpoints/final.pth         # HTTP: POST /predict, a web page at /
   cascadevision demo                                          # synthetic data -> train -> evaluate -> pictures
 
 `cascadevision COMMAND --help` lists a command's flags and their defaults.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import PREDICT_SCORE_THR, REGION_POLICIES, ServeConfig, parse_overrides, to_dict, update
+from .config import PREDICT_SCORE_THR, REGION_POLICIES, SERVE_AUTO_BATCH, ServeConfig, parse_overrides, to_dict, update
 from .errors import ConfigError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -352,8 +352,9 @@ def add_serve(sub) -> argparse.ArgumentParser:
                    help="address to listen on (0.0.0.0: every interface, reachable from other machines)")
     p.add_argument("--port", type=int, default=defaults.port, help="port to listen on (0: any free one)")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                   help="requests of one image size stacked into one forward pass, at most (0: 8 on a GPU, "
-                        "1 on the CPU, where stacking was measured slower)")
+                   help="requests of one image size stacked into one forward pass, at most (0: "
+                        f"{SERVE_AUTO_BATCH['cuda']} on a GPU, {SERVE_AUTO_BATCH['cpu']} on the CPU, where "
+                        "stacking was measured slower)")
     p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                    help="how long a request waits for others to share its forward pass")
     p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,

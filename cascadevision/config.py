@@ -241,7 +241,8 @@ class Config:
 
 
 # `serve --max-batch 0`: 8 on a GPU, 1 on the CPU, where a stacked forward of the demo HTC costs more than its
-# images one by one (benchmarks/bench_serve.py: 8 clients, 2.4 requests/s unbatched, 0.9 with batches of 4)
+# images one by one (benchmarks/bench_serve.py, 8 clients on 2 busy cores: 1.55 requests/s unbatched, 1.13 with
+# batches of 4 and 1.7x the memory)
 SERVE_AUTO_BATCH = {"cuda": 8, "cpu": 1}
 
 
