@@ -393,22 +393,20 @@ class _Trainer:
 
     def _record_eval(self, metrics: dict) -> None:
         """An evaluation's metrics into metrics.jsonl and the loggers (with a few drawn predictions), and into
-        checkpoints/best.pth when it beats the best so far (segm AP, else bbox AP)."""
+        checkpoints/best.pth when it beats the best so far (segm AP, else bbox AP; mIoU for segmentation)."""
         if not self.is_main:
             return
         self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
-        self.loggers.scalars({k: v for k, v in metrics.items() if k in ("bbox", "segm")}, self.iteration,
-                             prefix="eval")
+        self.loggers.scalars(metrics, self.iteration, prefix="eval")  # every number, nested keys dotted
         if self.loggers.backends:
             self.loggers.images(self._preview(), self.iteration)
         if self.cfg.train.eval_interval <= 0:
             return
-        metric = "segm" if "segm" in metrics else "bbox"
-        value = metrics.get(metric, {}).get("AP")
+        name, value = _best_metric(metrics)
         if value is None or not math.isfinite(value):
             return
         if self.best is None or value > self.best["value"]:
-            self.best = {"metric": f"{metric}.AP", "value": float(value), "iteration": self.iteration}
+            self.best = {"metric": name, "value": float(value), "iteration": self.iteration}
             save_checkpoint(self.checkpoint_dir / "best.pth",
                             {"state_dict": self.model.state_dict(), "meta": {**self._meta(), "best": self.best}})
 
@@ -430,6 +428,8 @@ class _Trainer:
                 for index in range(min(_PREVIEW_IMAGES, len(self.val_dataset))):
                     image = self.val_dataset[index][0]
                     prediction = self.model([image.to(self.device)])[0]
+                    if not (isinstance(prediction, dict) and "boxes" in prediction):  # not a detector
+                        break
                     names = getattr(self.dataset, "class_names", None)
                     images[f"val/{index}"] = np.asarray(draw_predictions(image, prediction, names))
         finally:
@@ -518,6 +518,14 @@ class _Trainer:
         _set_rng_state(rng_states[self.rank % len(rng_states)])
         self.iteration = int(state["meta"]["iteration"])
         self.last_checkpoint = path
+
+
+def _best_metric(metrics: dict) -> tuple[str, float | None]:
+    """The number `eval_interval` keeps the best checkpoint by: segm AP, else bbox AP, else mIoU."""
+    for section in ("segm", "bbox"):
+        if isinstance(metrics.get(section), dict) and metrics[section].get("AP") is not None:
+            return f"{section}.AP", metrics[section]["AP"]
+    return "mIoU", metrics.get("mIoU")
 
 
 # ----------------------------------------------------------------------------------------------------------
