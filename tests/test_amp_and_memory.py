@@ -246,3 +246,11 @@ def test_intervals_must_be_multiples_of_accumulate():
     validate(update(Config(), {"train": {"accumulate": 4, "checkpoint_interval": 500}}))
     with pytest.raises(ConfigError, match=r"train.checkpoint_interval \(500\) must be a multiple of train.accumulate"):
         validate(update(Config(), {"train": {"accumulate": 3, "checkpoint_interval": 500}}))
+
+
+def test_fp16_inference_on_cpu_is_refused_before_any_work(tmp_path, capsys):
+    from cascadevision.cli import main
+    status = main(["eval", str(tmp_path / "missing.pth"), "--ann", str(tmp_path / "missing.json"), "--images",
+                   str(tmp_path), "--device", "cpu", "--dtype", "fp16", "--no-progress"])
+    assert status == 2
+    assert "--dtype: fp16 runs on CUDA only; use bf16 on cpu" in capsys.readouterr().err
