@@ -90,3 +90,28 @@ def test_eval_interval_scores_the_val_split_and_keeps_the_best_checkpoint(tmp_pa
     assert "eval/bbox.AP50" in accumulator.Tags()["scalars"]
     assert {"val/0", "val/1"} <= set(accumulator.Tags()["images"])
     assert [e.step for e in accumulator.Images("val/0")] == [2, 4]
+
+
+def test_evaluations_during_training_leave_the_training_rng_alone(tmp_path):
+    from test_engine import TinyDataset, TinyModel, tiny_config
+    calls = []
+
+    def rng_drawing_eval(model, dataset, **kwargs):  # as an eval DataLoader drawing its base seed would
+        calls.append(float(torch.rand(())))
+        return {"bbox": {"AP": 10.0 * len(calls)}}
+
+    def run(name, eval_interval):
+        model = TinyModel()  # its loss adds noise from the global torch RNG
+        cfg = tiny_config(max_iters=6, eval_interval=eval_interval, eval_at_end=False, loggers=[])
+        train(cfg, model, TinyDataset(), tmp_path / name, val_dataset=TinyDataset(), evaluate_fn=rng_drawing_eval,
+              progress=False)
+        logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return model.state_dict(), [e["loss_reg"] for e in logged if e["type"] == "train"]
+
+    (plain, plain_losses), (evaluated, evaluated_losses) = run("plain", 0), run("evaluated", 2)
+    assert len(calls) == 3  # iterations 2, 4, 6
+    assert evaluated_losses == plain_losses  # loss_reg holds a draw from the global torch RNG
+    for key in plain:
+        assert torch.equal(plain[key], evaluated[key]), key
+    meta = load_checkpoint(tmp_path / "evaluated" / "checkpoints" / "best.pth")["meta"]
+    assert meta["best"] == {"metric": "bbox.AP", "value": 30.0, "iteration": 6}

@@ -301,9 +301,7 @@ class _Trainer:
                         or self.iteration == self.max_iters:
                     self._save()
                 if self._eval_due():
-                    self._record_eval(self.evaluate_fn(self.model, self.val_dataset, out_dir=None, device=self.device,
-                                                       progress=False, num_workers=self.cfg.data.num_workers))
-                    self.net.train()
+                    self._periodic_eval()
                 if self.iteration >= self.max_iters:
                     break
                 tick = time.perf_counter()
@@ -390,6 +388,17 @@ class _Trainer:
         if interval <= 0 or self.val_dataset is None or self.iteration % interval:
             return False
         return not (self.iteration == self.max_iters and self.cfg.train.eval_at_end)
+
+    def _periodic_eval(self) -> None:
+        """Score the val split now. Every RNG is put back afterwards (the eval loader draws a seed from torch's),
+        so a run with evaluations trains exactly as one without, and a resumed run as an uninterrupted one."""
+        rng = _rng_state()
+        try:
+            self._record_eval(self.evaluate_fn(self.model, self.val_dataset, out_dir=None, device=self.device,
+                                               progress=False, num_workers=self.cfg.data.num_workers))
+        finally:
+            _set_rng_state(rng)
+        self.net.train()
 
     def _record_eval(self, metrics: dict) -> None:
         """An evaluation's metrics into metrics.jsonl and the loggers (with a few drawn predictions), and into
