@@ -5,7 +5,8 @@
     python benchmarks/bench_precision.py --skip-timing --checkpoint runs/demo/htc_r18_fpn/checkpoints/final.pth \\
         --ann DATA/annotations/instances_val.json --images DATA/images/val
 
-Timing: random weights, 80 classes, one image of --size, score threshold 0 at inference (every model keeps its
+Timing: random weights, 80 classes, one image of --size (each model first resizes it to fit its
+`model.input.scale`: 1333x800 for the R-50 presets, 512x320 for the small ones), score threshold 0 at inference (every model keeps its
 100 detections, as a trained one would); a training step is forward + backward + SGD step on 3 gt objects (HTC
 also gets a semantic map). Each number is the median of --repeats after one warm-up, on --threads threads.
 AP: `cascadevision eval` of --checkpoint in fp32 and in bf16 (`--dtype bf16`), bbox and segm AP.
@@ -40,7 +41,7 @@ def time_preset(preset: str, height: int, width: int, repeats: int) -> dict:
     targets = training_targets(1, height, width, device)
     if not model.cfg.roi_head.htc.with_semantic:
         targets = [{k: v for k, v in t.items() if k != "semantic"} for t in targets]
-    result = {}
+    result = {"scale": model.cfg.input.scale}  # the model resizes the image to fit this (long, short) first
     for name, dtype in DTYPES.items():
         def train_step():
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -94,14 +95,15 @@ def main() -> None:
         height, width = args.size
         print(f"CPU, {args.threads} thread(s), one {height}x{width} image, median of {args.repeats}, "
               f"load average at start {load:.1f}")
-        print("| model | what | fp32 s | bf16 s | bf16 speed-up |")
-        print("|---|---|---|---|---|")
+        print("| model | resized to fit | what | fp32 s | bf16 s | bf16 speed-up |")
+        print("|---|---|---|---|---|---|")
         for preset in args.presets:
             result = time_preset(preset, height, width, args.repeats)
             for what in ("train", "infer"):
                 fp32, bf16 = result[(what, "fp32")], result[(what, "bf16")]
                 label = "training step" if what == "train" else "inference"
-                print(f"| {preset} | {label} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f}x |", flush=True)
+                fit = "x".join(map(str, result["scale"]))
+                print(f"| {preset} | {fit} | {label} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f}x |", flush=True)
         print(f"(load average at the end {os.getloadavg()[0]:.1f})")
     if not args.skip_ap:
         metrics = ap_by_dtype(args.checkpoint, args.ann, args.images)
