@@ -6,8 +6,8 @@
         --ann DATA/annotations/instances_val.json --images DATA/images/val
 
 Timing: random weights, 80 classes, one image of --size (each model first resizes it to fit its
-`model.input.scale`: 1333x800 for the R-50 presets, 512x320 for the small ones), score threshold 0 at inference (every model keeps its
-100 detections, as a trained one would); a training step is forward + backward + SGD step on 3 gt objects (HTC
+`model.input.scale`: 1333x800 for the R-50 presets, 512x320 for the small ones), score threshold 0 at inference
+(every model keeps its 100 detections, as a trained one would); a training step is forward + backward + SGD step on 3 gt objects (HTC
 also gets a semantic map). Each number is the median of --repeats after one warm-up, on --threads threads.
 AP: `cascadevision eval` of --checkpoint in fp32 and in bf16 (`--dtype bf16`), bbox and segm AP.
 """
@@ -111,8 +111,9 @@ def main() -> None:
         print("| dtype | bbox AP | bbox AP50 | segm AP | segm AP50 |")
         print("|---|---|---|---|---|")
         for name, m in metrics.items():
-            print(f"| {name} | {m['bbox']['AP']:.1f} | {m['bbox']['AP50']:.1f} | {m.get('segm', {}).get('AP', float('nan')):.1f} "
-                  f"| {m.get('segm', {}).get('AP50', float('nan')):.1f} |")
+            segm = m.get("segm", {})
+            print(f"| {name} | {m['bbox']['AP']:.1f} | {m['bbox']['AP50']:.1f} | {segm.get('AP', float('nan')):.1f} "
+                  f"| {segm.get('AP50', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

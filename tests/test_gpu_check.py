@@ -27,7 +27,8 @@ def test_gpu_check_small_prints_the_whole_table_on_cpu(capsys):
     inference = [w for w in by_what if "inference" in w]
     assert len(inference) == 2  # batch 1 and 2 (8 on CUDA)
     for what in inference:
-        assert re.fullmatch(r"[\d.]+ img/s", by_what[what]["fp32"]) and re.fullmatch(r"[\d.]+ img/s", by_what[what]["bf16"])
+        for dtype in ("fp32", "bf16"):
+            assert re.fullmatch(r"[\d.]+ img/s", by_what[what][dtype])
         assert by_what[what]["fp16"] == "n/a (CUDA only)"
     training = [w for w in by_what if "train iteration" in w]
     assert len(training) == 2 and any("with_cp" in w for w in training)

@@ -9,11 +9,12 @@ process 0 (the other processes get an empty one) and calls:
     close()
 
 TensorBoard event files go to `RUN_DIR/tensorboard/`. A resumed run adds a new event file there and purges the
-events an interrupted run logged after the checkpoint it resumes from (`purge_step`: steps > start), so the curves continue
-without a doubled stretch. Weights & Biases writes under `RUN_DIR/wandb/` and resumes the run whose id is kept in
-`RUN_DIR/wandb/run_id`; MLflow logs to `RUN_DIR/mlruns` unless MLFLOW_TRACKING_URI says otherwise. Each backend
-is imported only when asked for (they are optional dependencies); one that is asked for and missing is a one-line
-ConfigError before training starts, except TensorBoard, the default, which is skipped with a note.
+events an interrupted run logged after the checkpoint it resumes from (`purge_step`: steps > start), so the
+curves continue without a doubled stretch. Weights & Biases writes under `RUN_DIR/wandb/` and resumes the run
+whose id is kept in `RUN_DIR/wandb/run_id`; MLflow logs to `RUN_DIR/mlruns` unless MLFLOW_TRACKING_URI says
+otherwise. Each backend is imported only when asked for (they are optional dependencies); one that is asked for
+and missing is a one-line ConfigError before training starts, except TensorBoard, the default, which is skipped
+with a note.
 """
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ class ResNet(FreezableBackbone):
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages < 0:
             return []
-        return [self.conv1, getattr(self, self.stem_norm)] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+        stem = [self.conv1, getattr(self, self.stem_norm)]
+        return stem + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(getattr(self, self.stem_norm)(self.conv1(x))))
