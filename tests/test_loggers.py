@@ -115,3 +115,36 @@ def test_evaluations_during_training_leave_the_training_rng_alone(tmp_path):
         assert torch.equal(plain[key], evaluated[key]), key
     meta = load_checkpoint(tmp_path / "evaluated" / "checkpoints" / "best.pth")["meta"]
     assert meta["best"] == {"metric": "bbox.AP", "value": 30.0, "iteration": 6}
+
+
+def test_wandb_logger_gets_the_same_numbers_and_resumes_its_run(tmp_path, monkeypatch):
+    """With a stand-in `wandb` module (the real one is optional and not needed here)."""
+    import importlib.machinery
+    import types
+
+    from cascadevision.engine.loggers import RunLoggers
+
+    logged, inits = [], []
+
+    class Run:
+        def log(self, values, step):
+            logged.append((values, step))
+
+        def finish(self):
+            logged.append("finish")
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.util = types.SimpleNamespace(generate_id=lambda: f"id{len(inits)}")
+    fake.init = lambda **kwargs: inits.append(kwargs) or Run()
+    fake.Image = lambda array: ("image", array.shape)
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+
+    loggers = RunLoggers(["wandb"], tmp_path, config={"train": {"lr": 0.1}})
+    loggers.scalars({"loss": 1.5, "bbox": {"AP": 30.0}, "note": "text"}, 7, prefix="eval")
+    loggers.images({"val/0": __import__("numpy").zeros((4, 5, 3), dtype="uint8")}, 7)
+    loggers.close()
+    assert logged == [({"eval/loss": 1.5, "eval/bbox.AP": 30.0}, 7), ({"val/0": ("image", (4, 5, 3))}, 7), "finish"]
+    RunLoggers(["wandb"], tmp_path, resumed=True, start_step=7)
+    assert inits[0]["id"] == inits[1]["id"] == "id0" and inits[1]["resume"] == "allow"
+    assert inits[0]["config"] == {"train": {"lr": 0.1}}
