@@ -199,6 +199,9 @@ def _detection_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="", metavar="FILE_OR_URL",
                    help="run the preset named first with these weights (an MMDetection v2/v3 .pth or one of "
                         "ours; a URL is downloaded once into ~/.cache/cascadevision); same as --set model.weights=")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="run the model under autocast in this precision (bf16: CPU or CUDA, fp16: CUDA); the box, "
+                        "NMS, RoIAlign and mask ops stay float32 (default %(default)s)")
     _add_early_exit(p)
 
 
@@ -226,7 +229,7 @@ def _detection_report(jobs, metrics: dict, cfg) -> None:
 
 def _detection_eval(jobs, args) -> int:
     metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=model_overrides(args),
-                                  weights=args.weights,
+                                  weights=args.weights, dtype=args.dtype,
                                   device=args.device, progress=not args.no_progress, class_map=args.class_map)
     print(jobs.format_metrics(metrics))
     if "early_exit" in metrics:
@@ -236,7 +239,7 @@ def _detection_eval(jobs, args) -> int:
 
 def _detection_predict(jobs, args) -> int:
     summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
-                                  weights=args.weights,
+                                  weights=args.weights, dtype=args.dtype,
                                   overrides=model_overrides(args), device=args.device, progress=not args.no_progress)
     return report_failures(summary, f"wrote {{count}} overlays and results.json to {Path(args.out)}")
 

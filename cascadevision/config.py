@@ -45,12 +45,15 @@ class BackboneConfig:
     frozen_stages: int = 1  # -1: nothing frozen; k: stem and layer1..k frozen
     norm_eval: bool = True  # keep every BatchNorm in eval mode while training
     out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    norm: str = "bn"  # ResNet: "bn", "syncbn" (BatchNorm synchronised under DDP) or "gn" (GroupNorm(32): gn1, ...)
+    with_cp: bool = False  # training: recompute each block's activations in backward (activation checkpointing)
 
 
 @dataclass
 class NeckConfig:
     out_channels: int = 256
     num_outs: int = 5  # P2..P6; P6 = max-pool(P5, 1, stride 2)
+    norm: str = "none"  # after each conv: "none", "bn", "syncbn" or "gn" (GroupNorm(32); the convs lose their bias)
 
 
 @dataclass
@@ -128,6 +131,9 @@ class BoxHeadConfig:
     reg_class_agnostic: bool = False
     loss_bbox: str = "l1"  # "l1" or "smooth_l1"
     smooth_l1_beta: float = 1.0
+    num_convs: int = 0  # 3x3 convs before the FCs (4 with num_fcs 1: MMDetection's Shared4Conv1FCBBoxHead)
+    conv_channels: int = 256
+    norm: str = "none"  # after each of those convs: "none", "bn", "syncbn" or "gn"
 
 
 @dataclass
@@ -137,6 +143,7 @@ class MaskHeadConfig:
     num_convs: int = 4
     conv_channels: int = 256
     size: int = 28  # mask target / logit resolution
+    norm: str = "none"  # after each 3x3 conv: "none", "bn", "syncbn" or "gn" (GroupNorm(32))
 
 
 @dataclass
@@ -224,11 +231,14 @@ class TrainConfig:
     lr_gamma: float = 0.1
     min_lr_ratio: float = 0.0  # cosine only: the final lr as a fraction of `lr`
     grad_clip: float = 0.0  # max global grad norm; 0 disables
-    amp: bool = False  # mixed precision (CUDA only)
+    amp: str = "none"  # autocast: "none", "bf16" (CPU and CUDA) or "fp16" (CUDA only, with loss scaling)
+    accumulate: int = 1  # optimizer step every N iterations (batches), losses scaled by 1/N; see engine.trainer
     checkpoint_interval: int = 500  # iterations
     keep_checkpoints: int = 2
     log_interval: int = 10
     eval_at_end: bool = True
+    eval_interval: int = 0  # > 0: COCO eval of the val split every N iterations; the best is checkpoints/best.pth
+    loggers: tuple[str, ...] = ("tensorboard",)  # also "wandb", "mlflow" (when installed); () for none
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
@@ -404,6 +414,12 @@ def _update(cfg: Any, values: dict, prefix: str, stored: bool, warn: bool) -> An
             # a whole section under its old name was warned about once: not its old keys inside again
             changes[key] = _update(current, value, f"{prefix}{key}.", stored, warn and key not in moved)
         else:
+            if isinstance(cfg, TrainConfig) and key == "amp" and isinstance(value, bool):
+                # before bf16/fp16 were chosen by name: true meant "bf16 where supported, on CUDA only"
+                if warn:
+                    warnings.warn(f"{prefix}amp: {str(value).lower()} is now {prefix}amp: "
+                                  f"{'bf16' if value else 'none'}", DeprecationWarning, stacklevel=3)
+                value = "bf16" if value else "none"
             changes[key] = _coerce(value, types_[key], prefix + key)
     out = dataclasses.replace(cfg, **changes)
     if stored and isinstance(out, RoIHeadConfig) and out.type != "htc":
@@ -489,6 +505,9 @@ _IOU = (lambda v: 0 < v <= 1), "in (0, 1]"
 _COUNT = _at_least(1)
 _SIZE = _at_least(0)
 _LOSS_BBOX = _one_of("l1", "smooth_l1")
+NORMS = ("bn", "syncbn", "gn")  # cascadevision.models.layers.build_norm
+_NORM = _one_of("none", *NORMS)
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # cascadevision.engine.loggers
 RESNET_DEPTHS = (18, 34, 50, 101, 152)  # cascadevision.models.backbone.ARCH
 EFFICIENTVIT_TYPES = tuple(f"efficientvit_m{i}" for i in range(6))  # cascadevision.models.efficientvit
 
@@ -497,8 +516,8 @@ EFFICIENTVIT_TYPES = tuple(f"efficientvit_m{i}" for i in range(6))  # cascadevis
 _RULES: dict[type, dict[str, tuple]] = {
     InputConfig: {"scale": _COUNT, "std": _above(0), "size_divisor": _COUNT},
     BackboneConfig: {"type": _one_of("resnet", *EFFICIENTVIT_TYPES), "base_channels": _COUNT,
-                     "frozen_stages": _within(-1, 4), "out_indices": _within(0, 4)},
-    NeckConfig: {"out_channels": _COUNT, "num_outs": _COUNT},
+                     "frozen_stages": _within(-1, 4), "out_indices": _within(0, 4), "norm": _one_of(*NORMS)},
+    NeckConfig: {"out_channels": _COUNT, "num_outs": _COUNT, "norm": _NORM},
     RPNConfig: {"feat_channels": _COUNT, "anchor_scales": _above(0), "anchor_ratios": _above(0),
                 "anchor_strides": _COUNT, "pos_iou": _IOU, "neg_iou": _PROBABILITY, "min_pos_iou": _PROBABILITY,
                 "num_samples": _COUNT, "pos_fraction": _PROBABILITY, "loss_bbox": _LOSS_BBOX,
@@ -509,8 +528,9 @@ _RULES: dict[type, dict[str, tuple]] = {
                       "gate_hidden": _COUNT},
     SamplerConfig: {"num_samples": _COUNT, "pos_fraction": _PROBABILITY},
     BoxHeadConfig: {"roi_size": _COUNT, "num_fcs": _SIZE, "fc_channels": _COUNT, "loss_bbox": _LOSS_BBOX,
-                    "smooth_l1_beta": _above(0)},
-    MaskHeadConfig: {"roi_size": _COUNT, "num_convs": _SIZE, "conv_channels": _COUNT, "size": _COUNT},
+                    "smooth_l1_beta": _above(0), "num_convs": _SIZE, "conv_channels": _COUNT, "norm": _NORM},
+    MaskHeadConfig: {"roi_size": _COUNT, "num_convs": _SIZE, "conv_channels": _COUNT, "size": _COUNT,
+                     "norm": _NORM},
     RoITestConfig: {"score_thr": _PROBABILITY, "nms_iou": _IOU, "max_per_img": _COUNT, "mask_thr": _PROBABILITY,
                     "mask_output": _one_of("full", "probs"), "mask_ensemble": _one_of("mean", "last")},
     HTCConfig: {"semantic_num_classes": _COUNT, "semantic_loss_weight": _at_least(0), "semantic_fusion_level": _SIZE},
@@ -526,13 +546,16 @@ _RULES: dict[type, dict[str, tuple]] = {
                   "weight_decay": _SIZE, "warmup_iters": _SIZE, "warmup_ratio": _PROBABILITY,
                   "lr_schedule": _one_of("step", "cosine"), "lr_steps": _SIZE, "lr_gamma": _above(0),
                   "min_lr_ratio": _PROBABILITY, "grad_clip": _SIZE, "checkpoint_interval": _SIZE,
-                  "keep_checkpoints": _SIZE, "log_interval": _SIZE,
+                  "keep_checkpoints": _SIZE, "log_interval": _SIZE, "amp": _one_of("none", "bf16", "fp16"),
+                  "accumulate": _COUNT, "eval_interval": _SIZE, "loggers": _one_of(*LOGGERS),
                   "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                              "auto, cpu, cuda or cuda:N")},
 }
 
 
 def _check_backbone(cfg: BackboneConfig, prefix: str) -> None:
+    if cfg.type != "resnet" and cfg.norm == "gn":
+        raise ConfigError(f"{prefix}norm 'gn' is for ResNet backbones; {cfg.type} takes bn or syncbn")
     if cfg.type == "resnet":
         if cfg.depth not in RESNET_DEPTHS:
             raise ConfigError(f"{prefix}depth must be one of {', '.join(map(str, RESNET_DEPTHS))} for a ResNet, "
@@ -575,6 +598,11 @@ def _check_train(cfg: TrainConfig, prefix: str) -> None:
     if cfg.max_iters <= 0 and cfg.epochs <= 0:
         raise ConfigError(f"training needs {prefix}max_iters > 0 or {prefix}epochs > 0, "
                           f"got {cfg.max_iters} and {cfg.epochs}")
+    # a checkpoint or an eval in the middle of an accumulation would miss the gradients gathered so far
+    for name in ("checkpoint_interval", "eval_interval"):
+        if getattr(cfg, name) % cfg.accumulate:
+            raise ConfigError(f"{prefix}{name} ({getattr(cfg, name)}) must be a multiple of {prefix}accumulate "
+                              f"({cfg.accumulate})")
 
 
 _CHECKS = {BackboneConfig: _check_backbone, RPNConfig: _check_rpn, RoIHeadConfig: _check_roi_head,

@@ -120,6 +120,9 @@ def describe_preset(name: str) -> str:
         kind = ("Cascade " if head.type == "cascade" else "") + ("Mask R-CNN" if head.with_mask else "Faster R-CNN")
     if head.type != "standard":
         kind += f", {head.num_stages} stages"
+    norms = {model.backbone.norm, model.neck.norm, head.box_head.norm, head.mask_head.norm} - {"none", "bn"}
+    if norms:
+        kind += ", " + "/".join(sorted(norms)).replace("gn", "GroupNorm").replace("syncbn", "SyncBN")
     if model.backbone.type == "resnet":
         backbone = f"ResNet-{model.backbone.depth}"
     else:  # efficientvit_m4

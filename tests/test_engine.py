@@ -219,9 +219,12 @@ def test_grad_clipping_matches_hand_computation(tmp_path, grad_clip):
     torch.testing.assert_close(model.w.detach(), torch.tensor([1.0, -1.0]) - 0.1 * gradient, rtol=0, atol=1e-6)
 
 
-def test_amp_on_cpu_is_ignored_with_a_note(tmp_path, capsys):
-    train(tiny_config(max_iters=1, amp=True), TinyModel(), TinyDataset(), tmp_path, progress=False)
-    assert "amp is ignored on CPU" in capsys.readouterr().err
+def test_old_boolean_amp_reads_as_bf16_and_fp16_needs_cuda(tmp_path):
+    with pytest.warns(DeprecationWarning, match="train.amp: true is now train.amp: bf16"):
+        assert tiny_config(max_iters=1, amp=True).train.amp == "bf16"
+    with pytest.raises(ConfigError, match="train.amp: fp16 runs on CUDA only"):
+        train(tiny_config(max_iters=1, amp="fp16"), TinyModel(), TinyDataset(), tmp_path, progress=False)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_eval_at_end_scores_the_val_dataset_and_logs_it(tmp_path):

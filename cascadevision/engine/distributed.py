@@ -81,3 +81,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wants_sync_batchnorm(model_cfg: Any) -> bool:
+    """Whether any `norm` field of a model config (backbone, neck, heads) is "syncbn". Such layers are plain
+    BatchNorm in one process; the trainer converts every BatchNorm of the model to torch.nn.SyncBatchNorm when it
+    trains under DDP, before wrapping it (statistics over the global batch; SyncBatchNorm needs CUDA)."""
+    if isinstance(model_cfg, dict):
+        values = model_cfg
+    elif hasattr(model_cfg, "__dataclass_fields__"):
+        values = {name: getattr(model_cfg, name) for name in model_cfg.__dataclass_fields__}
+    else:
+        return False
+    return any((key == "norm" and value == "syncbn") or wants_sync_batchnorm(value) for key, value in values.items())

@@ -19,6 +19,7 @@ from ..errors import DatasetError
 from ..outputs import ensure_writable_dir
 from ..ops.masks import MASK_CHUNK_PIXELS, iter_pasted_masks
 from . import distributed as dist_utils
+from .amp import autocast
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCOeval stats, in order
 
@@ -26,7 +27,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six COCO
 def evaluate(model: torch.nn.Module, dataset, *, out_dir: str | Path | None = None, batch_size: int = 1,
              device: str | torch.device | None = None, progress: bool = True,
              iou_types: Sequence[str] | None = None, num_workers: int = 0,
-             cat_ids: Sequence[int | None] | None = None) -> dict:
+             cat_ids: Sequence[int | None] | None = None, dtype: torch.dtype | None = None) -> dict:
     """COCO box (and mask) AP of `model` on `dataset`, in percent: {'bbox': {'AP', ...}, 'segm': {...}}.
 
     `cat_ids[k]` is the dataset category id of model label k (see `data.match_classes`; default: the
@@ -35,6 +36,7 @@ def evaluate(model: torch.nn.Module, dataset, *, out_dir: str | Path | None = No
     `iou_types=None` evaluates 'bbox', plus 'segm' when the model returned masks and every annotation has a
     segmentation (otherwise segm is skipped with a note). Under DDP each process runs every world_size-th
     image and process 0 scores the gathered results; every process returns the metrics.
+    `dtype` (torch.bfloat16 or torch.float16) runs the model under autocast (see `engine.amp`).
     With `out_dir`, process 0 writes results.json (all detections), metrics.json and coco_eval.txt there.
     Problems with the dataset or `out_dir` are raised before any inference.
     """
@@ -70,7 +72,7 @@ def evaluate(model: torch.nn.Module, dataset, *, out_dir: str | Path | None = No
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), deferred_mask_pasting(model), \
+        with torch.inference_mode(), deferred_mask_pasting(model), autocast(device, dtype), \
                 tqdm(total=len(batches), desc="eval", dynamic_ncols=True, disable=not (progress and rank == 0)) as bar:
             for batch_indices, (images, _targets) in zip(batches, loader):
                 outputs = model([image.to(device, non_blocking=True) for image in images])

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from ..errors import CheckpointError, OutputError
 from ..outputs import ensure_writable_dir
+from .loggers import RUN_DIR_ENTRIES
 
 LOCK_NAME = "train.lock"
 # what a training run writes into its directory; `overwrite` removes these and nothing else
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curve.png", "checkpoints", "eval", LOCK_NAME)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss_curve.png", "checkpoints", "eval", *RUN_DIR_ENTRIES, LOCK_NAME)
 _LEFTOVER = re.compile(r"^\..+\.(tmp|\d+\.link)$")
 
 

@@ -8,12 +8,23 @@ Files written under `out_dir` (by process 0 only):
                                      interval before the end is removed once the end-of-run one is written)
     checkpoints/latest.pth           the newest of those
     checkpoints/final.pth            weights and meta only, at the end
+    checkpoints/best.pth             with `eval_interval`: weights and meta of the best evaluation so far (segm AP,
+                                     or bbox AP for box-only models), meta["best"] = {metric, value, iteration}
     loss_curve.png                   at the end
     eval/                            results.json, metrics.json, coco_eval.txt when a val_dataset is given
+    tensorboard/                     event files (`train.loggers`, see `loggers`): train/* every log_interval,
+                                     eval/* and a few prediction overlays (val/*) per evaluation
 
 Progress, on process 0: on a terminal a progress bar (total loss and lr); otherwise, or with `progress=False`,
 one line on stderr per `log_interval` iterations (iteration, lr, total and main losses, it/s, ETA), so a log
 file stays readable and a run without a bar still says how it is doing.
+
+Mixed precision (`train.amp`): bf16 autocast (CPU and CUDA) or fp16 autocast with loss scaling (CUDA), see
+`engine.amp`. Gradient accumulation (`train.accumulate` = N): an iteration is still one batch, and everything
+counted in iterations (max_iters, warmup_iters, lr_steps when max_iters is set, log/checkpoint/eval intervals)
+counts batches; each loss is scaled by 1/N and the optimizer steps after every N-th iteration (and after the
+last), with the lr of that iteration, so N batches of B images make one update like one batch of N * B images
+(for a loss that is a mean over images). checkpoint_interval and eval_interval must be multiples of N.
 
 Resuming is exact: a run stopped after k iterations and resumed reaches the same weights, bit for bit on CPU,
 as one that never stopped. That needs (a) every RNG restored, (b) the same batches in the same order, and
@@ -48,12 +59,15 @@ from ..data.transforms import collate
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..io.checkpoint import (atomic_copy, atomic_write, cascadevision_version, load_checkpoint, save_checkpoint,
                              state_dict_mismatch)
-from ..visualize import plot_loss_curve
+from ..visualize import draw_predictions, plot_loss_curve
 from . import distributed as dist_utils
+from .amp import amp_dtype, autocast
 from .evaluator import evaluate
+from .loggers import RunLoggers, check_loggers
 from .rundir import RunLock, check_run_dir, prepare_run_dir, remove_leftovers
 
 _SMOOTHING_WINDOW = 20  # iterations averaged for the progress bar
+_PREVIEW_IMAGES = 2  # val images drawn with their predictions for the loggers at each evaluation
 
 
 class WarmupMultiStepLR:
@@ -141,6 +155,7 @@ def train(cfg: Config, model: torch.nn.Module, train_dataset, out_dir: str | Pat
     category id for each model label, see `data.match_classes`).
     """
     check_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    check_loggers(cfg.train.loggers)  # an optional logger asked for and not installed: refused before any work
     created_group = not torch.distributed.is_initialized()
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world_size, _ = dist_utils.init_distributed("nccl" if device.type == "cuda" else "gloo")
@@ -167,6 +182,9 @@ class _Trainer:
 
         _seed_everything(tc.seed + rank)  # a resumed run replaces these states with the checkpoint's
         model.to(device)
+        if world_size > 1 and dist_utils.wants_sync_batchnorm(cfg.model):  # norm: syncbn somewhere
+            model = self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.amp_dtype = amp_dtype(tc.amp, device)  # before any work: fp16 on CPU is refused here
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters (all have requires_grad=False)")
@@ -181,7 +199,6 @@ class _Trainer:
         self.scheduler = WarmupMultiStepLR(self.optimizer, milestones, tc.lr_gamma, tc.warmup_iters, tc.warmup_ratio,
                                            schedule=tc.lr_schedule, max_iters=self.max_iters,
                                            min_ratio=tc.min_lr_ratio)
-        self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.net = model
         if world_size > 1:
@@ -190,6 +207,9 @@ class _Trainer:
         self.iteration = 0
         self.last_checkpoint: Path | None = None
         self.log_lines = False  # set by run(): print a line per log_interval (no progress bar)
+        self.loggers = RunLoggers([], out_dir)  # process 0's are made by run()
+        self.val_dataset, self.evaluate_fn = None, None
+        self.best: dict | None = None  # {"metric", "value", "iteration"} of checkpoints/best.pth
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -203,7 +223,10 @@ class _Trainer:
             if self.is_main:
                 for path in remove_leftovers(self.out_dir):
                     _note(f"removed {path.name}, left by an interrupted write")
-            return self._run_locked(val_dataset, resume, progress, evaluate_fn, val_cat_ids)
+            try:
+                return self._run_locked(val_dataset, resume, progress, evaluate_fn, val_cat_ids)
+            finally:
+                self.loggers.close()
 
     def _run_locked(self, val_dataset, resume, progress: bool, evaluate_fn, val_cat_ids) -> dict:
         if resume:  # before anything is written: the checkpoint must fit this model first
@@ -212,6 +235,13 @@ class _Trainer:
             atomic_write(self.out_dir / "config.yaml",
                          lambda f: f.write(yaml.safe_dump(to_dict(self.cfg), sort_keys=False).encode()))
         start = self.iteration
+        if self.is_main:
+            self.loggers = RunLoggers(self.cfg.train.loggers, self.out_dir, config=to_dict(self.cfg),
+                                      start_step=start, resumed=bool(resume))
+            self.best = self._previous_best(start)
+        if evaluate_fn is None:
+            evaluate_fn = functools.partial(evaluate, cat_ids=val_cat_ids)
+        self.val_dataset, self.evaluate_fn = val_dataset, evaluate_fn
         if self.is_main and self.metrics_path.exists():
             # drop what an earlier run logged after `start`: all of it for a fresh run, the iterations an
             # interrupted run did after its last checkpoint for a resumed one
@@ -231,12 +261,9 @@ class _Trainer:
             if self.iteration > start:
                 plot_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png")
         if val_dataset is not None and self.cfg.train.eval_at_end:
-            if evaluate_fn is None:
-                evaluate_fn = functools.partial(evaluate, cat_ids=val_cat_ids)
             metrics = evaluate_fn(self.model, val_dataset, out_dir=self.out_dir / "eval", device=self.device,
                                   progress=show_bar, num_workers=self.cfg.data.num_workers)  # a bar on a terminal
-            if self.is_main:
-                self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
+            self._record_eval(metrics)
             result.update(metrics)
         dist_utils.barrier()
         return result
@@ -273,6 +300,8 @@ class _Trainer:
                 if (tc.checkpoint_interval > 0 and self.iteration % tc.checkpoint_interval == 0) \
                         or self.iteration == self.max_iters:
                     self._save()
+                if self._eval_due():
+                    self._periodic_eval()
                 if self.iteration >= self.max_iters:
                     break
                 tick = time.perf_counter()
@@ -283,8 +312,26 @@ class _Trainer:
         return last_entry
 
     def _step(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, float]:
-        """One optimizer step; returns the losses (averaged over processes), the total and the lr as floats."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        """One iteration: forward, backward and (every `accumulate` iterations) an optimizer step; returns the
+        losses (averaged over processes), the total and the lr as floats."""
+        accumulate = self.cfg.train.accumulate
+        update = (self.iteration + 1) % accumulate == 0 or self.iteration + 1 == self.max_iters
+        no_sync = getattr(self.net, "no_sync", None)  # DDP: all-reduce the gradients only before a step
+        if self.iteration % accumulate == 0:  # the first iteration of an accumulation window
+            self.optimizer.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if update or no_sync is None else no_sync():
+            values = self._forward_backward(images, targets, accumulate)
+        if update:
+            if self.cfg.train.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()  # the schedule counts iterations (batches), whether the optimizer stepped or not
+        return values
+
+    def _forward_backward(self, images: list[torch.Tensor], targets: list[dict], accumulate: int) -> dict[str, float]:
+        with autocast(self.device, self.amp_dtype):
             losses = self.net(images, targets)
         names = sorted(losses)  # the same order on every process, for the all-reduce
         loss_names = [name for name in names if "loss" in name]
@@ -296,16 +343,11 @@ class _Trainer:
         if not math.isfinite(values["loss"]):
             self._stop_on_non_finite({n: values[n] for n in loss_names})
 
-        values["lr"] = self.scheduler.get_last_lr()[0]  # the lr this step uses
+        values["lr"] = self.scheduler.get_last_lr()[0]  # the lr this iteration (and a step at its end) uses
         total = sum(losses[n] for n in loss_names)
-        self.optimizer.zero_grad(set_to_none=True)
+        if accumulate > 1:
+            total = total / accumulate
         self.scaler.scale(total).backward()
-        if self.cfg.train.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
         return values
 
     def _stop_on_non_finite(self, loss_values: dict[str, float]) -> None:
@@ -331,9 +373,77 @@ class _Trainer:
             entry["memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.is_main:
             self._append_metrics(entry)
+            self.loggers.scalars({k: v for k, v in entry.items() if k not in ("type", "iteration", "epoch", "eta")},
+                                 self.iteration, prefix="train")
         if self.log_lines:
             print(format_log_line(entry, self.max_iters), file=sys.stderr, flush=True)
         return {k: v for k, v in entry.items() if k not in ("type", "iteration", "epoch")}
+
+    # ------------------------------------------------------------------------------------------------------
+    # evaluation during training
+
+    def _eval_due(self) -> bool:
+        """Every `eval_interval` iterations, except the last one when the end-of-run evaluation follows."""
+        interval = self.cfg.train.eval_interval
+        if interval <= 0 or self.val_dataset is None or self.iteration % interval:
+            return False
+        return not (self.iteration == self.max_iters and self.cfg.train.eval_at_end)
+
+    def _periodic_eval(self) -> None:
+        """Score the val split now. Every RNG is put back afterwards (the eval loader draws a seed from torch's),
+        so a run with evaluations trains exactly as one without, and a resumed run as an uninterrupted one."""
+        rng = _rng_state()
+        try:
+            self._record_eval(self.evaluate_fn(self.model, self.val_dataset, out_dir=None, device=self.device,
+                                               progress=False, num_workers=self.cfg.data.num_workers))
+        finally:
+            _set_rng_state(rng)
+        self.net.train()
+
+    def _record_eval(self, metrics: dict) -> None:
+        """An evaluation's metrics into metrics.jsonl and the loggers (with a few drawn predictions), and into
+        checkpoints/best.pth when it beats the best so far (segm AP, else bbox AP; mIoU for segmentation)."""
+        if not self.is_main:
+            return
+        self._append_metrics({"type": "eval", "iteration": self.iteration, **metrics})
+        self.loggers.scalars(metrics, self.iteration, prefix="eval")  # every number, nested keys dotted
+        if self.loggers.backends:
+            self.loggers.images(self._preview(), self.iteration)
+        if self.cfg.train.eval_interval <= 0:
+            return
+        name, value = _best_metric(metrics)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best is None or value > self.best["value"]:
+            self.best = {"metric": name, "value": float(value), "iteration": self.iteration}
+            save_checkpoint(self.checkpoint_dir / "best.pth",
+                            {"state_dict": self.model.state_dict(), "meta": {**self._meta(), "best": self.best}})
+
+    def _previous_best(self, start: int) -> dict | None:
+        """The best evaluation of this run up to `start` (a resumed run keeps beating it); None if there is none."""
+        path = self.checkpoint_dir / "best.pth"
+        if start == 0 or not path.is_file():
+            return None
+        best = load_checkpoint(path).get("meta", {}).get("best")
+        return best if best and best.get("iteration", start + 1) <= start else None
+
+    def _preview(self) -> dict:
+        """A few val images with the model's predictions drawn on them, as (H, W, 3) uint8 arrays."""
+        was_training = self.model.training
+        self.model.eval()
+        images = {}
+        try:
+            with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+                for index in range(min(_PREVIEW_IMAGES, len(self.val_dataset))):
+                    image = self.val_dataset[index][0]
+                    prediction = self.model([image.to(self.device)])[0]
+                    if not (isinstance(prediction, dict) and "boxes" in prediction):  # not a detector
+                        break
+                    names = getattr(self.dataset, "class_names", None)
+                    images[f"val/{index}"] = np.asarray(draw_predictions(image, prediction, names))
+        finally:
+            self.model.train(was_training)
+        return images
 
     def _append_metrics(self, entry: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -418,14 +528,13 @@ class _Trainer:
         self.iteration = int(state["meta"]["iteration"])
         self.last_checkpoint = path
 
-    def _amp_dtype(self) -> torch.dtype | None:
-        if not self.cfg.train.amp:
-            return None
-        if self.device.type != "cuda":
-            if self.is_main:
-                _note("train.amp is ignored on CPU: mixed precision is used on CUDA only")
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+def _best_metric(metrics: dict) -> tuple[str, float | None]:
+    """The number `eval_interval` keeps the best checkpoint by: segm AP, else bbox AP, else mIoU."""
+    for section in ("segm", "bbox"):
+        if isinstance(metrics.get(section), dict) and metrics[section].get("AP") is not None:
+            return f"{section}.AP", metrics[section]["AP"]
+    return "mIoU", metrics.get("mIoU")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,21 +6,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import batched_nms
+from .layers import ConvModule
 from .rpn import weighted_box_loss
 
 
 class BBoxHead(nn.Module):
-    """Flatten the RoI feature, `num_fcs` shared FC+ReLU layers, then class logits and box deltas.
+    """`num_convs` shared 3x3 conv(+norm)+ReLU layers (none by default), flatten the RoI feature, `num_fcs`
+    shared FC+ReLU layers, then class logits and box deltas (MMDetection's ConvFCBBoxHead; Shared2FC by
+    default, Shared4Conv1FC with GN for the GN configs).
 
-    The class logits have `num_classes + 1` entries, background last, as in the reference checkpoints.
+    The class logits have `num_classes + 1` entries, background last, as in the reference checkpoints. Both
+    outputs are float32, under autocast too.
     """
 
     def __init__(self, in_channels: int, roi_size: int, num_fcs: int, fc_channels: int, num_classes: int,
-                 reg_class_agnostic: bool):
+                 reg_class_agnostic: bool, *, num_convs: int = 0, conv_channels: int = 256, norm: str = "none"):
         super().__init__()
         self.num_classes = num_classes
         self.reg_class_agnostic = reg_class_agnostic
-        in_features = in_channels * roi_size * roi_size
+        self.shared_convs = nn.ModuleList(
+            ConvModule(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1, norm=norm)
+            for i in range(num_convs))
+        in_features = (conv_channels if num_convs else in_channels) * roi_size * roi_size
         self.shared_fcs = nn.ModuleList()
         for _ in range(num_fcs):
             self.shared_fcs.append(nn.Linear(in_features, fc_channels))
@@ -36,10 +43,13 @@ class BBoxHead(nn.Module):
         nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for conv in self.shared_convs:
+            x = conv(x)
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
-        return self.fc_cls(x), self.fc_reg(x)  # (K, num_classes + 1), (K, 4) or (K, 4 * num_classes)
+        # (K, num_classes + 1), (K, 4) or (K, 4 * num_classes); .float() is a no-op outside autocast
+        return self.fc_cls(x).float(), self.fc_reg(x).float()
 
     def select_deltas(self, deltas: Tensor, labels: Tensor) -> Tensor:
         """The (K, 4) deltas of each RoI's class (class-specific heads) or the shared ones."""

@@ -107,12 +107,13 @@ class CascadeRoIHead(RoIHead):
         self.mask_info_flow = htc and cfg.htc.mask_info_flow is not False and cfg.with_mask
         box, mask = cfg.box_head, cfg.mask_head
         self.bbox_head = nn.ModuleList(
-            BBoxHead(in_channels, box.roi_size, box.num_fcs, box.fc_channels, num_classes, box.reg_class_agnostic)
+            BBoxHead(in_channels, box.roi_size, box.num_fcs, box.fc_channels, num_classes, box.reg_class_agnostic,
+                     num_convs=box.num_convs, conv_channels=box.conv_channels, norm=box.norm)
             for _ in range(self.num_stages))
         if cfg.with_mask:
             self.mask_head = nn.ModuleList(
                 MaskHead(in_channels, mask.conv_channels, mask.num_convs, num_classes,
-                         with_conv_res=self.mask_info_flow and t > 0)
+                         with_conv_res=self.mask_info_flow and t > 0, norm=mask.norm)
                 for t in range(self.num_stages))
         self.semantic_head = None
         if htc and cfg.htc.with_semantic:

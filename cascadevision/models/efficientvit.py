@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import BackboneConfig
 from ..errors import ConfigError
 from .classifier import drop_path
-from .layers import FreezableBackbone
+from .layers import FreezableBackbone, run_blocks
 
 
 @dataclass
@@ -430,6 +430,7 @@ class EfficientViTBackbone(FreezableBackbone, EfficientViT):
         self.out_indices = out_indices
         self.frozen_stages = cfg.frozen_stages
         self.norm_eval = cfg.norm_eval
+        self.with_cp = cfg.with_cp  # training: each block of blocks1..3 under activation checkpointing
         dims = vit_cfg.embed_dims
         level_channels = (dims[0] // 4, dims[0] // 2, dims[0], dims[1], dims[2])
         self.out_channels = [level_channels[i] for i in out_indices]
@@ -452,7 +453,7 @@ class EfficientViTBackbone(FreezableBackbone, EfficientViT):
                     break
         else:
             for stage in (self.blocks1, self.blocks2, self.blocks3):
-                x = stage(x)
+                x = run_blocks(stage, x, self.with_cp)
                 levels.append(x)
                 if len(levels) > last:
                     break

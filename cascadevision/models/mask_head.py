@@ -14,16 +14,17 @@ class MaskHead(nn.Module):
 
     With `with_conv_res` (HTC stages 2..N) the previous stage's mask feature goes through `conv_res` and is
     added to the input. `forward` returns the logits and the feature handed to the next stage (the output
-    of the last 3x3 conv, before upsampling).
+    of the last 3x3 conv, before upsampling). `norm` puts a norm layer after each 3x3 conv (GN configs).
     """
 
     def __init__(self, in_channels: int, conv_channels: int, num_convs: int, num_classes: int,
-                 with_conv_res: bool = False):
+                 with_conv_res: bool = False, norm: str = "none"):
         super().__init__()
         # maps the previous stage's feature (conv_channels) onto this head's input (in_channels)
         self.conv_res = ConvModule(conv_channels, in_channels, 1) if with_conv_res else None
         self.convs = nn.ModuleList(
-            ConvModule(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1) for i in range(num_convs)
+            ConvModule(in_channels if i == 0 else conv_channels, conv_channels, 3, padding=1, norm=norm)
+            for i in range(num_convs)
         )
         last = conv_channels if num_convs else in_channels
         self.upsample = nn.ConvTranspose2d(last, conv_channels, 2, stride=2)
@@ -44,7 +45,7 @@ class MaskHead(nn.Module):
     def forward(self, x: Tensor, res_feat: Tensor | None = None) -> tuple[Tensor, Tensor]:
         feat = self.features(x, res_feat)
         logits = self.conv_logits(F.relu(self.upsample(feat)))  # (K, num_classes, 2S, 2S)
-        return logits, feat
+        return logits.float(), feat  # float32 logits under autocast too (a no-op otherwise)
 
 
 def mask_targets(gt_masks: Tensor, boxes: Tensor, gt_inds: Tensor, scale: tuple[float, float], size: int) -> Tensor:

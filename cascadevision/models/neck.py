@@ -19,12 +19,14 @@ class FPN(nn.Module):
         # each level's stride in input pixels, finest first: the inputs', then x2 per extra (subsampled) level
         self.strides = in_strides + [in_strides[-1] * 2 ** k for k in range(1, cfg.num_outs - len(in_channels) + 1)]
         self.out_channels = out
-        self.lateral_convs = nn.ModuleList(ConvModule(c, out, 1, relu=False) for c in in_channels)
-        self.fpn_convs = nn.ModuleList(ConvModule(out, out, 3, padding=1, relu=False) for _ in in_channels)
+        self.lateral_convs = nn.ModuleList(ConvModule(c, out, 1, relu=False, norm=cfg.norm) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(ConvModule(out, out, 3, padding=1, relu=False, norm=cfg.norm)
+                                       for _ in in_channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, inputs: list[Tensor]) -> list[Tensor]:
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]

@@ -37,6 +37,15 @@ def _cpu_small(cfg: ModelConfig, depth: int = 18) -> ModelConfig:
     )
 
 
+def _gn_all(cfg: ModelConfig) -> ModelConfig:
+    """GroupNorm(32) everywhere, as MMDetection's `mask_rcnn_r50_fpn_gn-all_2x_coco`: GN ResNet, GN after every FPN
+    conv, a Shared4Conv1FC box head with GN, GN in the mask head."""
+    head = cfg.roi_head
+    return _replace(cfg, backbone=_replace(cfg.backbone, norm="gn"), neck=_replace(cfg.neck, norm="gn"),
+                    roi_head=_replace(head, box_head=_replace(head.box_head, num_convs=4, num_fcs=1, norm="gn"),
+                                      mask_head=_replace(head.mask_head, norm="gn")))
+
+
 CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
 
@@ -70,6 +79,7 @@ PRESETS = {
     "faster_rcnn_r101_fpn_1x": lambda: _faster_rcnn(101),
     "mask_rcnn_r50_fpn_1x": lambda: _mask_rcnn(50),
     "mask_rcnn_r101_fpn_1x": lambda: _mask_rcnn(101),
+    "mask_rcnn_r50_fpn_gn_2x": lambda: _gn_all(_mask_rcnn(50)),
     "faster_rcnn_r18_fpn": lambda: _cpu_small(_faster_rcnn(18)),
     "mask_rcnn_r18_fpn": lambda: _cpu_small(_mask_rcnn(18)),
     "mask_rcnn_r34_fpn": lambda: _cpu_small(_mask_rcnn(34), depth=34),
@@ -97,6 +107,7 @@ COCO_PRESETS = frozenset(name for name in PRESETS if "_r50_" in name or "_r101_"
 
 # training schedules that differ from the 1x default (12 epochs, steps at 8 and 11)
 TRAIN_PRESETS = {
+    "mask_rcnn_r50_fpn_gn_2x": {"epochs": 24, "lr_steps": [16, 22]},
     "htc_r50_fpn_20e": {"epochs": 20, "lr_steps": [16, 19]},
     "htc_r101_fpn_20e": {"epochs": 20, "lr_steps": [16, 19]},
 }

@@ -124,8 +124,9 @@ class StandardRoIHead(RoIHead):
         super().__init__(cfg, num_classes, strides)
         box, mask = cfg.box_head, cfg.mask_head
         self.bbox_head = BBoxHead(in_channels, box.roi_size, box.num_fcs, box.fc_channels, num_classes,
-                                  box.reg_class_agnostic)
-        self.mask_head = (MaskHead(in_channels, mask.conv_channels, mask.num_convs, num_classes)
+                                  box.reg_class_agnostic, num_convs=box.num_convs, conv_channels=box.conv_channels,
+                                  norm=box.norm)
+        self.mask_head = (MaskHead(in_channels, mask.conv_channels, mask.num_convs, num_classes, norm=mask.norm)
                           if cfg.with_mask else None)
         iou = cfg.iou_thresholds[0]
         self.assigner = MaxIoUAssigner(iou, iou, iou, cfg.sampler.match_low_quality)

@@ -67,8 +67,9 @@ class RPNHead(nn.Module):
         for x in features:
             x = F.relu(self.rpn_conv(x))
             b = x.shape[0]
-            scores.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
-            deltas.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4))  # (B, H*W*A, 4)
+            # float32 outputs under autocast too (a no-op otherwise): scores are ranked and thresholded
+            scores.append(self.rpn_cls(x).float().permute(0, 2, 3, 1).reshape(b, -1))  # (B, H*W*A)
+            deltas.append(self.rpn_reg(x).float().permute(0, 2, 3, 1).reshape(b, -1, 4))  # (B, H*W*A, 4)
         anchors = self.anchor_generator.grid_anchors([f.shape[-2:] for f in features], features[0].device)
         training = targets is not None
         pre_nms = self.cfg.train_pre_nms if training else self.cfg.test_pre_nms

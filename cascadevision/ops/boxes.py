@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .precision import autocast_off
+
 __all__ = ["batched_nms", "box_area", "box_ioa", "box_iou", "clip_boxes", "decode_boxes", "encode_boxes", "nms"]
 
 _EPS = 1e-6  # smallest union (or area) IoU divides by, as MMDetection's bbox_overlaps: 0 / 0 gives 0, not NaN
@@ -177,6 +179,11 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float, groups: Tensor | None = No
     keep_i = alive_i and not any_{j < i}(keep_j and iou_ij > t): entry i only depends on entries before it, so
     after t rounds the first t entries are final and the first round with no change gives the greedy answer.
     """
+    with autocast_off(boxes.device):  # the suppression count is a matmul: keep it in the boxes' dtype
+        return _greedy_keep_blocks(boxes, iou_threshold, groups)
+
+
+def _greedy_keep_blocks(boxes: Tensor, iou_threshold: float, groups: Tensor | None) -> Tensor:
     num = boxes.shape[0]
     coords = boxes.t().contiguous()  # (4, N): x1, y1, x2, y2 rows, so every broadcast below is contiguous
     areas = (coords[2] - coords[0]) * (coords[3] - coords[1])

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .precision import autocast_off
+
 __all__ = ["iter_pasted_masks", "paste_masks"]
 
 _CHUNK_ELEMENTS = 1 << 22  # image pixels pasted together (16 MB in float32)
@@ -119,7 +121,8 @@ def _pasted_rows(masks: Tensor, boxes: Tensor, height: int, width: int) -> Itera
         weights_y = _taps(image_rows, y0[part], y1[part], mask_h, row_lo[part], row_hi[part])  # (n, win_h, h)
         weights_x = _taps(image_cols.expand(len(part), -1), x0[part], x1[part], mask_w, col_lo[part],
                           col_hi[part])  # (n, W, w)
-        pasted = torch.bmm(torch.bmm(weights_y, masks[part]), weights_x.transpose(1, 2))  # (n, win_h, W)
+        with autocast_off(masks.device):  # not around the yield: the caller's autocast state stays its own
+            pasted = torch.bmm(torch.bmm(weights_y, masks[part]), weights_x.transpose(1, 2))  # (n, win_h, W)
         yield part, image_rows, pasted
 
 

@@ -9,6 +9,7 @@ says how `source` is read.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,6 +21,7 @@ from ..config import PREDICT_SCORE_THR, Config, ModelConfig, update
 from ..data import CocoDataset, RandomHorizontalFlip, check_dataset, match_classes
 from ..data.coco_classes import COCO_CLASSES, COCO_IDS
 from ..engine import evaluate
+from ..engine.amp import amp_dtype, autocast
 from ..engine.evaluator import deferred_mask_pasting, results_to_coco
 from ..engine.trainer import resolve_device
 from ..errors import CheckpointError, ConfigError, DatasetError
@@ -286,10 +288,11 @@ def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
 
 def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str | Path,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   class_map: str | dict | None = None, weights: str = "") -> dict:
+                   class_map: str | dict | None = None, weights: str = "", dtype: str = "fp32") -> dict:
     """COCO AP of a checkpoint (or of a preset with `weights`, see `load_model`) on an annotation file, its
     classes matched to the file's categories by id and name (`class_map` says how they relate when they differ;
-    see `data.match_classes`)."""
+    see `data.match_classes`). `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`)."""
+    precision = amp_dtype(dtype, resolve_device(device), "--dtype")
     if out_dir:
         ensure_writable_dir(out_dir, "evaluation output directory")
     dataset = CocoDataset(ann, images, train=False)  # before the model: a wrong path fails before any download
@@ -304,7 +307,7 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
     head = model.roi_head
     if hasattr(head, "reset_exit_stats"):
         head.reset_exit_stats()
-    metrics = evaluate(model, dataset, out_dir=out_dir, progress=progress, cat_ids=mapping.cat_ids)
+    metrics = evaluate(model, dataset, out_dir=out_dir, progress=progress, cat_ids=mapping.cat_ids, dtype=precision)
     if hasattr(head, "exit_summary") and model.cfg.roi_head.early_exit.enabled:  # the table only when asked for
         metrics["early_exit"] = head.exit_summary()
         if out_dir:
@@ -314,14 +317,15 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   weights: str = "") -> list[dict]:
+                   weights: str = "", dtype: str = "fp32") -> list[dict]:
     """Overlay PNGs (masks, boxes, class names, scores) and a COCO-style results JSON for images or folders, from
     a checkpoint of ours or a preset with `weights` (see `load_model`).
 
     Returns one entry per input file: {'file_name', 'overlay', 'detections'}, or {'file_name', 'error'} for a
     file that could not be read (it is skipped; the others are still predicted). results.json is written
-    even when the run stops early.
+    even when the run stops early. `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`).
     """
+    precision = amp_dtype(dtype, resolve_device(device), "--dtype")
     out_dir = ensure_writable_dir(out_dir, "prediction output directory")
     files = collect_images(inputs)
     model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
@@ -337,6 +341,13 @@ def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
 
     try:  # memory O(H x W) on big photos: masks are pasted one chunk at a time
         return predict_images(model, files, unique_output_names(files), write, progress=progress,
-                              context=deferred_mask_pasting)
+                              context=functools.partial(_inference_context, dtype=precision))
     finally:
         atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results).encode()))
+
+
+@contextlib.contextmanager
+def _inference_context(model, dtype):
+    """Masks pasted a chunk at a time (see `run_prediction`), the model under autocast in `dtype` (None: off)."""
+    with deferred_mask_pasting(model), autocast(next(model.parameters()).device, dtype):
+        yield
