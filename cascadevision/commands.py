@@ -212,12 +212,11 @@ def model_overrides(args) -> dict:
     if extra:
         raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
     model = nested.get("model", {})
+    args.plain_overrides = json.loads(json.dumps(model))  # what the early exit is measured against (eval)
     if getattr(args, "exit_config", None):
         from .early_exit.detector_calibration import read_exit_config  # function-local: CLI start-up stays light
-        section, args.exit_plan = read_exit_config(args.exit_config)
-        file_exit = dict(section)
-        file_exit.update(model.get("roi_head", {}).get("early_exit", {}))  # --set wins over the file
-        model.setdefault("roi_head", {})["early_exit"] = file_exit
+        from_file, args.exit_plan = read_exit_config(args.exit_config)
+        model = update_nested(from_file, model)  # --set wins over the file
     options = {"policy": args.early_exit, "threshold": args.exit_threshold,
                "background_threshold": args.exit_background, "prune_threshold": args.exit_prune,
                "time_budget_ms": args.time_budget_ms}
@@ -227,6 +226,14 @@ def model_overrides(args) -> dict:
     return model
 
 
+def update_nested(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, nested dicts key by key (neither is modified)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = update_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _detection_report(jobs, metrics: dict, cfg) -> None:
     scored = "bbox" in metrics or "segm" in metrics  # nothing to tabulate after train.eval_at_end=false
     if scored and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
@@ -234,8 +241,9 @@ def _detection_report(jobs, metrics: dict, cfg) -> None:
 
 
 def _detection_eval(jobs, args) -> int:
-    metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=model_overrides(args),
-                                  weights=args.weights,
+    overrides = model_overrides(args)
+    metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=overrides,
+                                  weights=args.weights, plain_overrides=args.plain_overrides,
                                   device=args.device, progress=not args.no_progress, class_map=args.class_map)
     print(jobs.format_metrics(metrics))
     if "early_exit" in metrics:

@@ -35,6 +35,7 @@ class TableReplay:
     with_mask = True
     images = [None] * 10
     seconds = 0.0
+    max_proposals = 0
 
     def __init__(self, grid):
         self.grid = grid
@@ -143,9 +144,9 @@ def test_saving_is_counted_against_the_plain_model():
     assert "plain model" in summary["baseline"] and "RoIAlign" in summary["counting"]
 
 
-def tiny_model(seed=0, **exit_values):
+def tiny_model(seed=0, proposals=0, **exit_values):
     torch.manual_seed(seed)
-    cfg = load_config("htc_r18_fpn", TINY).model
+    cfg = load_config("htc_r18_fpn", TINY + ([f"model.rpn.test_post_nms={proposals}"] if proposals else [])).model
     cfg = dataclasses.replace(cfg, num_classes=5, roi_head=dataclasses.replace(
         cfg.roi_head, early_exit=EarlyExitConfig(**exit_values)))
     from cascadevision.early_exit.detection import build_from_config
@@ -217,7 +218,9 @@ SETTINGS = [{"policy": "none", "prune_threshold": 0.0, "background_threshold": 0
              "mask_score_threshold": 0.0},
             {"policy": "none", "prune_threshold": 0.0, "background_threshold": 0.5, "mask_score_threshold": 0.5},
             {"policy": "max_prob", "threshold": 0.95, "prune_threshold": 0.05, "background_threshold": 0.6,
-             "mask_score_threshold": 0.3}]
+             "mask_score_threshold": 0.3},
+            {"policy": "none", "prune_threshold": 0.1, "background_threshold": 0.0, "mask_score_threshold": 0.0,
+             "proposals": 15}]  # the best 15 of the RPN's 40 proposals: model.rpn.test_post_nms=15
 
 
 @pytest.mark.parametrize("values", SETTINGS)
@@ -268,19 +271,20 @@ def test_unreachable_thresholds_are_the_plain_model(split):
 def test_calibration_yaml_round_trips_into_eval(split, checkpoint, tmp_path, capsys):
     replay = load_replay(str(checkpoint), split["val_ann"], split["val_images"], device="cpu")
     grid = {"threshold": (None, 0.9), "prune_threshold": (0.0, 0.1), "background_threshold": (0.0, 0.5),
-            "mask_score_threshold": (0.0, 0.3)}
+            "mask_score_threshold": (0.0, 0.3), "proposals": (1.0, 0.5)}
     chosen, _ = calibrate_detector(replay, grid=grid, budget=0.7)
     assert chosen.planned["compute_fraction"] <= 0.7
     path = write_calibration(chosen, tmp_path / "exit.yaml", source=split["val_ann"])
     values, plan = read_exit_config(path)
-    assert values == chosen.exit and plan["target"] == {"budget": 0.7}
+    assert values == chosen.model_overrides and plan["target"] == {"budget": 0.7}
+    assert values["roi_head"]["early_exit"] == chosen.exit
     assert main(["eval", str(checkpoint), "--ann", split["val_ann"], "--images", split["val_images"],
                  "--exit-config", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "planned (calibration split)" in out and "the plain model (no early exit) run on the same images" in out
     # on the calibration split itself the replay is exact: realised == planned
     metrics = run_evaluation(checkpoint, split["val_ann"], split["val_images"], None,
-                             overrides={"roi_head": {"early_exit": values}}, progress=False)
+                             overrides=values, progress=False)
     assert metrics["segm"]["AP"] == pytest.approx(chosen.planned["segm_ap"])
     assert metrics["early_exit"]["roi_head_gmacs"] / 2 == pytest.approx(chosen.planned["roi_head_gmacs"])
 
@@ -299,3 +303,14 @@ def test_bad_exit_config_files_are_one_line_errors(tmp_path):
 
 
 _ = (DetectorReplay, exit_policy_for_head, build_model, itertools)
+
+
+def test_fewer_proposals_from_an_exit_config_are_not_in_the_baseline(split, checkpoint, tmp_path):
+    path = tmp_path / "exit.yaml"
+    path.write_text("model:\n  roi_head:\n    early_exit:\n      prune_threshold: 0.1\n  rpn:\n    test_post_nms: 15\n")
+    assert main(["eval", str(checkpoint), "--ann", split["val_ann"], "--images", split["val_images"],
+                 "--exit-config", str(path), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    import json
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["early_exit"]
+    # 2 images: the early-exit run gets the best 15 proposals of each, the plain model all 40 (TINY's test_post_nms)
+    assert summary["rois"][0] == 30 and summary["plain_rois"] == [80, 80, 80]

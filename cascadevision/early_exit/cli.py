@@ -196,7 +196,8 @@ def run(args) -> int:
 
 
 def _calibrate_detector(args) -> int:
-    # function-local: the detection task (datasets, evaluator, models) loads only for this command
+    # function-local: the detection task (datasets, evaluator, models) loads only for this command, so the CLI
+    # start-up stays light
     from .detector_calibration import calibrate_detector, format_candidates, load_replay, write_calibration
 
     if not str(args.out).endswith((".yaml", ".yml")):
@@ -206,8 +207,14 @@ def _calibrate_detector(args) -> int:
     if args.max_ap_drop is not None and args.max_ap_drop < 0:
         raise ConfigError(f"--max-ap-drop {args.max_ap_drop}: AP points, at least 0")
     replay = load_replay(args.checkpoint, args.ann, args.images, device=args.device)
-    print(f"recorded {len(replay.images)} images in {replay.seconds:.1f} s; searching")
-    calibration, scored = calibrate_detector(replay, max_ap_drop=args.max_ap_drop, budget=args.budget)
+    print(f"recorded {len(replay.images)} images in {replay.seconds:.1f} s; searching", flush=True)
+    log = None
+    if args.show:
+        def log(c):
+            shown = ", ".join(f"{k}={v}" for k, v in c.exit.items())
+            print(f"  scored {shown}: bbox AP {c.bbox_ap}, segm AP {c.segm_ap}, {100 * c.fraction:.1f}% compute",
+                  flush=True)
+    calibration, scored = calibrate_detector(replay, max_ap_drop=args.max_ap_drop, budget=args.budget, log=log)
     if args.show:
         print(format_candidates(scored, calibration.metric))
     out = write_calibration(calibration, args.out, source=args.ann)

@@ -36,16 +36,21 @@ from ..io.checkpoint import atomic_write
 from ..models.bbox_head import multiclass_nms
 from ..models.roi_heads import boxes_to_rois
 from ..ops import clip_boxes
+from ..tasks.detection import checkpoint_classes, load_model
 from .detection import COUNTING, StageCounts, exit_policy_for_head, roi_head_macs
 
-#: the settings searched: every combination (policy max_prob at `threshold`, or none)
+#: the settings searched: every combination (policy max_prob at `threshold`, or none). `proposals` is the share of
+#: the RPN's proposals the RoI heads get (model.rpn.test_post_nms: the proposals come best first, so fewer is a
+#: prefix of the recorded ones and is replayed exactly)
 SEARCH_GRID = {
-    "threshold": (None, 0.995, 0.98, 0.95, 0.9, 0.8),  # None: no confident exit (policy none)
-    "prune_threshold": (0.0, 0.05, 0.1, 0.2, 0.3),
-    "background_threshold": (0.0, 0.99, 0.95, 0.9),
+    "threshold": (None, 0.99, 0.95, 0.9),  # None: no confident exit (policy none)
+    "prune_threshold": (0.0, 0.05, 0.1, 0.2),
+    "background_threshold": (0.0, 0.99, 0.95),
     "mask_score_threshold": (0.0, 0.1, 0.2, 0.3, 0.5),
+    "proposals": (1.0, 0.67, 0.33),
 }
 EXIT_KEYS = ("policy", "threshold", "prune_threshold", "background_threshold", "mask_score_threshold")
+SETTING_KEYS = (*EXIT_KEYS, "proposals")  # proposals: a count (model.rpn.test_post_nms), 0 = the model's own
 
 
 @dataclass
@@ -74,17 +79,21 @@ class Candidate:
 
 
 def exit_config(values: dict) -> EarlyExitConfig:
+    values = {k: v for k, v in values.items() if k != "proposals"}
     return update(EarlyExitConfig(), values, prefix="model.roi_head.early_exit.")
 
 
-def grid_settings(grid: dict | None = None, with_mask: bool = True) -> list[dict]:
-    """The exit settings of `grid` (default SEARCH_GRID), as model.roi_head.early_exit values."""
+def grid_settings(grid: dict | None = None, with_mask: bool = True, max_proposals: int = 0) -> list[dict]:
+    """The settings of `grid` (default SEARCH_GRID): model.roi_head.early_exit values, and `proposals` (a count
+    out of `max_proposals`, the model's test_post_nms; 0 = all)."""
     grid = grid or SEARCH_GRID
     out = []
-    for threshold, prune, background in product(grid["threshold"], grid["prune_threshold"],
-                                                grid["background_threshold"]):
+    counts = sorted({0 if f >= 1 or not max_proposals else max(1, round(f * max_proposals))
+                     for f in grid.get("proposals", (1.0,))}, key=lambda n: -(n or 1e12))
+    for threshold, prune, background, proposals in product(grid["threshold"], grid["prune_threshold"],
+                                                           grid["background_threshold"], counts):
         roi = {"policy": "none" if threshold is None else "max_prob", "threshold": threshold or 0.9,
-               "prune_threshold": prune, "background_threshold": background}
+               "prune_threshold": prune, "background_threshold": background, "proposals": proposals}
         for mask in grid["mask_score_threshold"] if with_mask else (0.0,):
             out.append({**roi, "mask_score_threshold": mask})
     return out
@@ -108,6 +117,7 @@ class DetectorReplay:
         self.masks: dict[tuple, dict] = {}  # (image index, roi, stage, label, box_only) -> RLE
         self.seconds = 0.0
         self.plain_macs = 0.0  # RoI-head MACs per image of the plain model, once `calibrate_detector` scored it
+        self.max_proposals = int(model.cfg.rpn.test_post_nms)
         self._record(progress)
 
     @torch.inference_mode()
@@ -146,9 +156,10 @@ class DetectorReplay:
         policy = exit_policy_for_head(self.head, cfg)
         test = self.head.cfg.test
         out = []
+        proposals = int(values.get("proposals") or 0)
         for rec in self.images:
             num = len(rec.boxes[0])
-            alive = torch.arange(num, device=rec.logits[0].device)
+            alive = torch.arange(min(num, proposals) if proposals else num, device=rec.logits[0].device)
             logit_sum = None
             exit_stage = torch.full((num,), -1, dtype=torch.long, device=alive.device)  # -1: dropped
             for t in range(self.head.num_stages):
@@ -284,6 +295,15 @@ class DetectorCalibration:
     num_images: int
     settings_scored: int
     seconds: float
+    proposals: int = 0  # model.rpn.test_post_nms to run with; 0: the model's own
+
+    @property
+    def model_overrides(self) -> dict:
+        """The model-section values the chosen setting is (what --exit-config applies)."""
+        out: dict = {"roi_head": {"early_exit": dict(self.exit)}}
+        if self.proposals:
+            out["rpn"] = {"test_post_nms": self.proposals}
+        return out
 
     def to_yaml(self, source: str = "") -> str:
         """The file `eval`/`predict --exit-config` read: model.roi_head.early_exit values, the plan as meta."""
@@ -295,7 +315,7 @@ class DetectorCalibration:
                 f"{100 * self.planned['compute_fraction']:.1f}% of the plain model's"
                 f"{'' if self.met else ' -- TARGET NOT MET: the cheapest setting closest to it'}",
                 "# use: cascadevision eval CKPT --exit-config THIS_FILE ... (or predict)"]
-        body = {"model": {"roi_head": {"early_exit": self.exit}},
+        body = {"model": self.model_overrides,
                 "planned": {"metric": self.metric, "ap": round(self.planned_ap, 3), "plain_ap": round(self.plain_ap, 3),
                             **{k: round(v, 4) for k, v in self.planned.items()},
                             **{f"plain_{k}": round(v, 4) for k, v in self.plain.items()},
@@ -305,12 +325,13 @@ class DetectorCalibration:
 
 
 def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = None, budget: float | None = None,
-                       grid: dict | None = None, screen: float = 1.5, top: int = 6,
+                       grid: dict | None = None, screen: float = 0.5, top: int = 6,
                        log=None) -> tuple[DetectorCalibration, list[Candidate]]:
     """Search `grid` on a recorded split for the goal (exactly one of `max_ap_drop` in AP points, `budget` as a
-    fraction of the plain model's RoI-head compute). For mask models the metric is segm AP; box AP screens the
-    settings first (a setting whose box AP drops more than `max_ap_drop + screen` is not given a mask AP; with
-    a budget, only the `top` RoI settings by box AP are). Returns the choice and every candidate scored."""
+    fraction of the plain model's RoI-head compute). For mask models the metric is segm AP, and two screens keep
+    the number of mask APs small: a setting whose box AP drops more than `max_ap_drop + screen`, or whose mask score
+    threshold alone (on the plain RoIs) costs more than `max_ap_drop + screen` segm AP, is not given a mask AP;
+    with a budget, only the `top` RoI settings by box AP are. Returns the choice and every candidate scored."""
     if (max_ap_drop is None) == (budget is None):
         raise ConfigError("give exactly one of max_ap_drop and budget")
     if budget is not None and not 0 < budget <= 1:
@@ -320,15 +341,15 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
     start = time.perf_counter()
     metric = "segm" if replay.with_mask else "bbox"
     plain_values = {"policy": "none", "threshold": EarlyExitConfig.threshold, "prune_threshold": 0.0,
-                    "background_threshold": 0.0, "mask_score_threshold": 0.0}
+                    "background_threshold": 0.0, "mask_score_threshold": 0.0, "proposals": 0}
     plain = replay.score(plain_values)
     replay.plain_macs = plain.macs
     plain.fraction = 1.0
-    settings = grid_settings(grid, replay.with_mask)
+    settings = grid_settings(grid, replay.with_mask, replay.max_proposals)
     # compute needs no AP: every setting's, cheaply (one replay each, no COCOeval)
     cands, replayed = [], {}
     for values in settings:
-        key = tuple(values[k] for k in EXIT_KEYS if k != "mask_score_threshold")
+        key = tuple(values.get(k, 0) for k in SETTING_KEYS if k != "mask_score_threshold")
         if key not in replayed:  # the mask threshold changes only which detections get a mask head
             replayed[key] = replay.replay({**values, "mask_score_threshold": 0.0})
         dets, counts = replayed[key]
@@ -340,7 +361,7 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
     box_ap: dict = {}
 
     def roi_key(values):
-        return tuple(values[k] for k in EXIT_KEYS if k != "mask_score_threshold")
+        return tuple(values.get(k, 0) for k in SETTING_KEYS if k != "mask_score_threshold")
 
     def bbox(c: Candidate, dets) -> float:
         key = roi_key(c.exit)
@@ -356,9 +377,16 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
     scored, chosen = [plain], None
     if max_ap_drop is not None:
         floor = plain.ap(metric) - max_ap_drop
+        mask_ok = {}
+        if metric == "segm":  # each mask score threshold alone, on the plain model's RoIs
+            plain_dets = replay.replay(plain_values)[0]
+            for m in sorted({c.exit["mask_score_threshold"] for c, _ in cands}):
+                mask_ok[m] = m == 0 or replay.segm_ap(plain_dets, m) >= plain.segm_ap - max_ap_drop - screen
         for c, dets in cands:
             if c.macs >= plain.macs:
                 break
+            if metric == "segm" and not mask_ok[c.exit["mask_score_threshold"]]:
+                continue
             if bbox(c, dets) < (plain.bbox_ap - max_ap_drop - (screen if metric == "segm" else 0)):
                 continue
             if metric == "segm":
@@ -395,9 +423,10 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
                 segm(chosen, dets)
     if metric == "segm" and chosen.segm_ap is None:
         chosen = replay.score(chosen.exit)
-    exit_values = {k: (float(v) if k != "policy" else v) for k, v in chosen.exit.items()}
+    exit_values = {k: (float(v) if k != "policy" else v) for k, v in chosen.exit.items() if k != "proposals"}
     if exit_values["policy"] == "none":
         exit_values.pop("threshold")
+    proposals = int(chosen.exit.get("proposals") or 0)
     target = {"max_ap_drop": max_ap_drop} if max_ap_drop is not None else {"budget": budget}
     planned = {"bbox_ap": chosen.bbox_ap, "roi_head_gmacs": chosen.macs / 1e9, "compute_fraction": chosen.fraction}
     plain_numbers = {"bbox_ap": plain.bbox_ap, "roi_head_gmacs": plain.macs / 1e9}
@@ -405,7 +434,7 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
         planned["segm_ap"], plain_numbers["segm_ap"] = chosen.segm_ap, plain.segm_ap
     calibration = DetectorCalibration(exit_values, metric, chosen.ap(metric), plain.ap(metric), planned, plain_numbers,
                                       target, met, len(replay.images), len(scored),
-                                      replay.seconds + time.perf_counter() - start)
+                                      replay.seconds + time.perf_counter() - start, proposals)
     return calibration, scored
 
 
@@ -417,8 +446,9 @@ def write_calibration(calibration: DetectorCalibration, path: str | Path, source
 
 
 def read_exit_config(path: str | Path) -> tuple[dict, dict]:
-    """(model.roi_head.early_exit values, planned meta) of a file `calibrate-detector` wrote (or any YAML with a
-    model.roi_head.early_exit section); a one-line ConfigError naming the file otherwise."""
+    """(model-section overrides, planned meta) of a file `calibrate-detector` wrote (or any YAML with a
+    model.roi_head.early_exit section, and optionally model.rpn.test_post_nms); a one-line ConfigError naming the
+    file otherwise."""
     import yaml
 
     path = Path(path)
@@ -433,22 +463,27 @@ def read_exit_config(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(section, dict):
         raise ConfigError(f"--exit-config {path}: needs a model.roi_head.early_exit section (as "
                           "`cascadevision exits calibrate-detector` writes)")
+    rpn = data["model"].get("rpn", {})
     extra = set(data) - {"model", "planned"}
-    if extra or set(data["model"]) != {"roi_head"} or set(data["model"]["roi_head"]) != {"early_exit"}:
-        raise ConfigError(f"--exit-config {path}: only model.roi_head.early_exit.* (and planned) belong there")
+    if (extra or set(data["model"]) - {"roi_head", "rpn"} or set(data["model"]["roi_head"]) != {"early_exit"}
+            or not isinstance(rpn, dict) or set(rpn) - {"test_post_nms"}):
+        raise ConfigError(f"--exit-config {path}: only model.roi_head.early_exit.*, model.rpn.test_post_nms (and "
+                          "planned) belong there")
     exit_config(section)  # unknown keys and bad values: a ConfigError now, before any model is loaded
-    return section, data.get("planned") or {}
+    if rpn and (not isinstance(rpn["test_post_nms"], int) or rpn["test_post_nms"] < 1):
+        raise ConfigError(f"--exit-config {path}: model.rpn.test_post_nms must be a positive count")
+    return dict(data["model"]), data.get("planned") or {}
 
 
 def format_candidates(cands: list[Candidate], metric: str) -> str:
-    lines = ["| policy | thr | prune | background | mask score | bbox AP | segm AP | RoIs/stage | RoI GMAC/img | "
-             "% plain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| proposals | policy | thr | prune | background | mask score | bbox AP | segm AP | RoIs/stage | "
+             "RoI GMAC/img | % plain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cands:
         e = c.exit
         thr = f"{e['threshold']:g}" if e["policy"] != "none" else "-"
         seg = "-" if c.segm_ap is None else f"{c.segm_ap:.1f}"
         box = "-" if c.bbox_ap is None else f"{c.bbox_ap:.1f}"
-        lines.append(f"| {e['policy']} | {thr} | {e['prune_threshold']:g} | {e['background_threshold']:g} | "
+        lines.append(f"| {e.get('proposals') or 'all'} | {e['policy']} | {thr} | {e['prune_threshold']:g} | {e['background_threshold']:g} | "
                      f"{e['mask_score_threshold']:g} | {box} | {seg} | {'/'.join(map(str, c.rois))} | "
                      f"{c.macs / 1e9:.2f} | {100 * c.fraction:.1f}% |")
     return "\n".join(lines)
@@ -457,8 +492,6 @@ def format_candidates(cands: list[Candidate], metric: str) -> str:
 def load_replay(checkpoint: str, ann: str, images: str, overrides: dict | None = None, device: str = "auto",
                 progress=None, class_map=None) -> DetectorReplay:
     """Record `checkpoint` (ours, or a preset with model.weights in `overrides`) on a COCO split."""
-    from ..tasks.detection import checkpoint_classes, load_model
-
     dataset = CocoDataset(ann, images, train=False)
     model, meta = load_model(checkpoint, overrides, device)
     names, ids = checkpoint_classes(model, meta)

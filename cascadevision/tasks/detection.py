@@ -295,10 +295,15 @@ def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
 
 def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str | Path,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   class_map: str | dict | None = None, weights: str = "") -> dict:
+                   class_map: str | dict | None = None, weights: str = "", plain_overrides: dict | None = None) -> dict:
     """COCO AP of a checkpoint (or of a preset with `weights`, see `load_model`) on an annotation file, its
     classes matched to the file's categories by id and name (`class_map` says how they relate when they differ;
-    see `data.match_classes`)."""
+    see `data.match_classes`).
+
+    With early exit on, the plain model (no early exit) runs on the same images too, and `metrics['early_exit']`
+    holds its AP and RoI-head compute beside the early-exit run's. The plain model is the same model with the exits
+    off, or, when `plain_overrides` are given and differ from `overrides` beyond the exits (an exit config that
+    also sets `rpn.test_post_nms`), the model built with `plain_overrides`."""
     if out_dir:
         ensure_writable_dir(out_dir, "evaluation output directory")
     dataset = CocoDataset(ann, images, train=False)  # before the model: a wrong path fails before any download
@@ -317,10 +322,15 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
     if hasattr(head, "exit_summary") and model.cfg.roi_head.early_exit.enabled:  # the table only when asked for
         # the honest baseline: the plain model (same weights, no early exit) on the same images, counted alike
         policy = head.exit_policy
-        head.exit_policy = exit_policy_for_head(head, EarlyExitConfig())
+        plain_model = model
+        if plain_overrides is not None and _without_exit(plain_overrides) != _without_exit(overrides or {}):
+            plain_model, _ = load_model(checkpoint, _without_exit(plain_overrides), device, weights=weights,
+                                        progress=progress)
+        plain_head = plain_model.roi_head
+        plain_head.exit_policy = exit_policy_for_head(plain_head, EarlyExitConfig())
         try:
-            plain = evaluate(model, dataset, out_dir=None, progress=progress, cat_ids=mapping.cat_ids)
-            plain_counts = head.exit_policy.total()
+            plain = evaluate(plain_model, dataset, out_dir=None, progress=progress, cat_ids=mapping.cat_ids)
+            plain_counts = plain_head.exit_policy.total()
         finally:
             head.exit_policy = policy
         metrics["early_exit"] = policy.summary(plain=plain_counts)
@@ -329,6 +339,13 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
         if out_dir:
             (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _without_exit(overrides: dict) -> dict:
+    """Model overrides without `roi_head.early_exit`."""
+    out = {k: v for k, v in overrides.items() if k != "roi_head"}
+    roi_head = {k: v for k, v in (overrides.get("roi_head") or {}).items() if k != "early_exit"}
+    return {**out, "roi_head": roi_head} if roi_head else out
 
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
