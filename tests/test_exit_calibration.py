@@ -142,6 +142,11 @@ def test_saving_is_counted_against_the_plain_model():
     # the old figure, "the full cascade on the same proposals", gives the exits' 3 detections all 3 mask heads
     assert summary["full_cascade_gmacs"] == pytest.approx((3000 + 3 * 30) / 1e9)
     assert "plain model" in summary["baseline"] and "RoIAlign" in summary["counting"]
+    assert summary["saved_vs_full_cascade"] == pytest.approx(1 - 1670 / 3090)
+    # without the plain counts: the old keys, the old figure (what `head.exit_summary()` returns)
+    old = exit_summary(run, box, mask)
+    assert set(old) == {"rois", "exits", "dropped", "masks", "roi_head_gmacs", "full_cascade_gmacs", "saved_fraction"}
+    assert old["saved_fraction"] == pytest.approx(1 - 1670 / 3090)
 
 
 def tiny_model(seed=0, proposals=0, **exit_values):

@@ -135,22 +135,20 @@ def exit_summary(counts: StageCounts, box: list[int], mask: list[int], plain: St
     """`counts` with the RoI-head MACs they cost (`box`/`mask`: per RoI per stage; see COUNTING).
 
     The honest baseline is `plain`, the counts of the plain model (no early exit) run on the same images: its own
-    detections get masks from every stage. Then `saved_fraction` is against it (`baseline` says so);
-    without it, against "the full cascade on the same proposals" (`full_cascade_gmacs`: every RoI through every
+    detections get masks from every stage. Then `saved_fraction` is against it (`baseline` and `counting` say so,
+    `saved_vs_full_cascade` keeps the old figure); without it, against "the full cascade on the same proposals" (`full_cascade_gmacs`: every RoI through every
     stage, and the early-exit run's own detections given every stage's mask), which over-states the saving when
     the exits keep more detections than the plain model (pruned RoIs keep low scores)."""
     spent = roi_head_macs(counts, box, mask)
     full = counts.rois[0] * sum(box) + (sum(counts.masks) * sum(mask) if mask else 0)
     out = {"rois": counts.rois, "exits": counts.exits, "dropped": counts.dropped, "masks": counts.masks,
            "roi_head_gmacs": spent / 1e9, "full_cascade_gmacs": full / 1e9,
-           "saved_vs_full_cascade": 1 - spent / full if full else 0.0, "counting": COUNTING}
-    if plain is None:
-        out.update(saved_fraction=out["saved_vs_full_cascade"], baseline="the full cascade on the same proposals")
-    else:
+           "saved_fraction": 1 - spent / full if full else 0.0}
+    if plain is not None:
         base = roi_head_macs(plain, box, mask)
         out.update(plain_model_gmacs=base / 1e9, plain_rois=plain.rois, plain_masks=plain.masks,
-                   saved_fraction=1 - spent / base if base else 0.0,
-                   baseline="the plain model (no early exit) run on the same images")
+                   saved_vs_full_cascade=out["saved_fraction"], saved_fraction=1 - spent / base if base else 0.0,
+                   baseline="the plain model (no early exit) run on the same images", counting=COUNTING)
     return out
 
 

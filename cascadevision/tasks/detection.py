@@ -27,7 +27,7 @@ from ..hub import is_url, resolve
 from ..io.checkpoint import atomic_write, read_state_dict
 from ..io.images import IMAGE_SUFFIXES, collect_images, unique_output_names
 from ..io.weights import detect_format, load_state, weights_classes
-from ..early_exit.detection import build_from_config, exit_policy_for_head  # the detector with its early-exit hook
+from ..early_exit.detection import COUNTING, build_from_config, exit_policy_for_head  # the detector with its early-exit hook
 from ..models.presets import COCO_PRESETS
 from ..outputs import ensure_writable_dir
 from ..presets import DETECTION_PRESETS, preset_config, preset_names
@@ -154,8 +154,7 @@ def format_exit_summary(summary: dict) -> str:
     else:
         lines.append(f"RoI-head compute: {summary['roi_head_gmacs']:.2f} GMAC vs {summary['full_cascade_gmacs']:.2f} "
                      f"for the full cascade on the same proposals ({100 * summary['saved_fraction']:.1f}% saved)")
-    if "counting" in summary:
-        lines.append(f"counted: {summary['counting']}")
+    lines.append(f"counted: {summary.get('counting', COUNTING)}")
     for iou_type, plain in summary.get("plain_model", {}).items():
         lines.append(f"plain model {iou_type} AP on the same images: {plain['AP']:.1f}")
     return "\n".join(lines)
