@@ -41,7 +41,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `exits` command (with its own sub-commands) to the main CLI's subparsers."""
-    parser = subparsers.add_parser("exits", help="early-exit classifiers: train, calibrate, evaluate, bench",
+    parser = subparsers.add_parser("exits", help="early-exit classifiers (train, calibrate, evaluate, bench); a cascade "
+                                            "detector's exit settings (calibrate-detector)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="exits_command", required=True)
 
@@ -67,7 +68,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate-detector",
                        help="choose a cascade detector's region-exit settings on a validation split (YAML for eval)",
                        description="One pass of the plain model over the split, then every exit setting of the grid "
-                                   "(pruner, background drop, max_prob confident exit, box-only masks below a score) "
+                                   "(pruner, background drop, max_prob confident exit, box-only masks below a score, "
+                                   "fewer RPN proposals) "
                                    "is replayed from the recorded stage outputs, and the cheapest meeting "
                                    "--max-ap-drop (or the best within --budget) is written as a YAML for "
                                    "`cascadevision eval/predict --exit-config FILE`. The AP is segm AP for mask "
