@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--time-images", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--reuse", default=None, metavar="JSON",
+                        help="take the settings and planned numbers from an earlier run's --json (no calibration)")
     args = parser.parse_args()
 
     import torch
@@ -54,19 +56,23 @@ def main() -> None:
     from cascadevision.engine import evaluate
 
     t0 = time.perf_counter()
-    replay = load_replay(args.checkpoint, args.val_ann, args.val_images, device="cpu")
-    print(f"recorded {len(replay.images)} validation images in {replay.seconds:.0f} s", flush=True)
-    targets = [("max AP drop", d, {"max_ap_drop": d}) for d in args.drops]
-    targets += [("budget", b, {"budget": b}) for b in args.budgets]
-    chosen = []
-    for name, value, goal in targets:
-        start = time.perf_counter()
-        calibration, _ = calibrate_detector(replay, **goal)
-        chosen.append((f"{name} {value:g}", calibration))
-        print(f"{name} {value:g}: {calibration.model_overrides} planned {calibration.metric} AP "
-              f"{calibration.planned_ap:.2f} (plain {calibration.plain_ap:.2f}), compute "
-              f"{100 * calibration.planned['compute_fraction']:.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
-    del replay
+    if args.reuse:
+        chosen = reused(args.reuse)
+    else:
+        replay = load_replay(args.checkpoint, args.val_ann, args.val_images, device="cpu")
+        print(f"recorded {len(replay.images)} validation images in {replay.seconds:.0f} s", flush=True)
+        targets = [("max AP drop", d, {"max_ap_drop": d}) for d in args.drops]
+        targets += [("budget", b, {"budget": b}) for b in args.budgets]
+        chosen = []
+        for name, value, goal in targets:
+            start = time.perf_counter()
+            calibration, _ = calibrate_detector(replay, **goal)
+            chosen.append((f"{name} {value:g}", calibration))
+            print(f"{name} {value:g}: {calibration.model_overrides} planned {calibration.metric} AP "
+                  f"{calibration.planned_ap:.2f} (plain {calibration.plain_ap:.2f}), compute "
+                  f"{100 * calibration.planned['compute_fraction']:.1f}% ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+        del replay
 
     from cascadevision.tasks.detection import load_model
     model, _ = load_model(args.checkpoint, None, "cpu")
@@ -74,14 +80,16 @@ def main() -> None:
     base_rpn = rpn.cfg
     dataset = CocoDataset(args.test_ann, args.test_images, train=False)
 
-    def configure(calibration) -> None:
+    def configure(calibration, count: bool = False) -> None:
+        """The model with `calibration`'s setting, or plain (no exit policy at all; with `count` one that exits
+        nothing and counts)."""
         cfg = EarlyExitConfig() if calibration is None else dataclasses.replace(EarlyExitConfig(), **calibration.exit)
-        head.exit_policy = exit_policy_for_head(head, cfg)
+        head.exit_policy = exit_policy_for_head(head, cfg) if calibration is not None or count else None
         proposals = 0 if calibration is None else calibration.proposals
         rpn.cfg = dataclasses.replace(base_rpn, test_post_nms=proposals) if proposals else base_rpn
 
     def run_eval(calibration):
-        configure(calibration)
+        configure(calibration, count=True)
         metrics = evaluate(model, dataset, progress=False)
         summary = head.exit_policy.summary()
         return metrics, summary["roi_head_gmacs"] / len(dataset)
@@ -155,6 +163,21 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"rows": rows, "ms": ms, "breakdown": breakdown,
                                                "plain": {"metrics": plain_metrics, "gmacs": plain_gmacs},
                                                "load": load}, indent=2))
+
+
+def reused(path: str) -> list:
+    """(label, calibration-like) pairs from an earlier run's --json: settings and planned numbers."""
+    from types import SimpleNamespace
+
+    out = []
+    for row in json.loads(Path(path).read_text())["rows"]:
+        setting = row["setting"]
+        out.append((row["target"], SimpleNamespace(
+            model_overrides=setting, exit=setting["roi_head"]["early_exit"],
+            proposals=setting.get("rpn", {}).get("test_post_nms", 0), metric=row["metric"],
+            planned_ap=row["planned_ap"], plain_ap=row["planned_plain_ap"],
+            planned={"compute_fraction": row["planned_fraction"]}, met=row["met"])))
+    return out
 
 
 def describe(setting: dict) -> str:
