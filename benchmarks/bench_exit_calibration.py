@@ -13,8 +13,9 @@ calibrator chooses a setting on the validation split (one recorded pass, every s
 test split the real model runs with that setting (`evaluate`, exactly what `cascadevision eval --exit-config`
 runs) and with none (the plain model, once): realised AP and RoI-head compute beside the planned ones. Wall
 time: the whole detector (transform, backbone, FPN, RPN, RoI heads, masks, pasting at full size), batch 1,
-`--threads` threads, on the first `--time-images` test images; every repeat runs every setting in turn (so a
-load change hits them alike) and the table gives the median over repeats of the mean ms/image. A breakdown
+`--threads` threads, on the first `--time-images` test images; each distinct setting is timed image by image in
+turn with the others (so a load change hits them alike) and the table gives the median over repeats of the mean
+ms/image. A breakdown
 of where the time goes (plain vs the max-AP-drop-0.5 setting) follows.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--time-images", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--timing-only", action="store_true",
+                        help="with --reuse: also take the realised AP and compute from it, only time")
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="take the settings and planned numbers from an earlier run's --json (no calibration)")
     args = parser.parse_args()
@@ -94,39 +97,53 @@ def main() -> None:
         summary = head.exit_policy.summary()
         return metrics, summary["roi_head_gmacs"] / len(dataset)
 
-    plain_metrics, plain_gmacs = run_eval(None)
-    print(f"test split, plain model: bbox AP {plain_metrics['bbox']['AP']:.2f}"
-          + (f", segm AP {plain_metrics['segm']['AP']:.2f}" if "segm" in plain_metrics else "")
-          + f", {plain_gmacs:.2f} RoI-head GMAC/image", flush=True)
-    rows = []
-    for label, calibration in chosen:
-        metrics, gmacs = run_eval(calibration)
-        rows.append({"target": label, "setting": calibration.model_overrides, "metric": calibration.metric,
-                     "planned_ap": calibration.planned_ap, "planned_plain_ap": calibration.plain_ap,
-                     "planned_fraction": calibration.planned["compute_fraction"],
-                     "realised_ap": metrics[calibration.metric]["AP"],
-                     "realised_plain_ap": plain_metrics[calibration.metric]["AP"],
-                     "realised_bbox_ap": metrics["bbox"]["AP"], "realised_fraction": gmacs / plain_gmacs,
-                     "realised_gmacs": gmacs, "met": calibration.met})
-        print(json.dumps(rows[-1]), flush=True)
+    if args.timing_only:  # the realised numbers of the earlier run
+        earlier = json.loads(Path(args.reuse).read_text())
+        rows, plain_metrics, plain_gmacs = earlier["rows"], earlier["plain"]["metrics"], earlier["plain"]["gmacs"]
+    else:
+        plain_metrics, plain_gmacs = run_eval(None)
+        print(f"test split, plain model: bbox AP {plain_metrics['bbox']['AP']:.2f}"
+              + (f", segm AP {plain_metrics['segm']['AP']:.2f}" if "segm" in plain_metrics else "")
+              + f", {plain_gmacs:.2f} RoI-head GMAC/image", flush=True)
+        rows = []
+        for label, calibration in chosen:
+            metrics, gmacs = run_eval(calibration)
+            rows.append({"target": label, "setting": calibration.model_overrides, "metric": calibration.metric,
+                         "planned_ap": calibration.planned_ap, "planned_plain_ap": calibration.plain_ap,
+                         "planned_fraction": calibration.planned["compute_fraction"],
+                         "realised_ap": metrics[calibration.metric]["AP"],
+                         "realised_plain_ap": plain_metrics[calibration.metric]["AP"],
+                         "realised_bbox_ap": metrics["bbox"]["AP"], "realised_fraction": gmacs / plain_gmacs,
+                         "realised_gmacs": gmacs, "met": calibration.met})
+            print(json.dumps(rows[-1]), flush=True)
 
-    # wall time, interleaved
+    # wall time: each distinct setting once, interleaved image by image (a load change hits them alike)
     from cascadevision.data.image import load_image
     files = sorted(Path(args.test_images).iterdir())[: args.time_images]
     images = [load_image(p).float() / 255 for p in files]
-    settings = [("plain", None)] + chosen
-    times = {label: [] for label, _ in settings}
+    distinct = {"plain": None}
+    key_of = {"plain": "plain"}
+    for label, calibration in chosen:
+        key = json.dumps(calibration.model_overrides, sort_keys=True)
+        distinct.setdefault(key, calibration)
+        key_of[label] = key
+    totals = {key: [] for key in distinct}
     with torch.inference_mode():
-        for label, calibration in settings:  # warm-up
+        for key, calibration in distinct.items():  # warm-up
             configure(calibration)
             model([images[0]])
         for _ in range(args.repeats):
-            for label, calibration in settings:
-                configure(calibration)
-                start = time.perf_counter()
-                for image in images:
+            spent = dict.fromkeys(distinct, 0.0)
+            for image in images:
+                for key, calibration in distinct.items():
+                    configure(calibration)
+                    start = time.perf_counter()
                     model([image])
-                times[label].append(1000 * (time.perf_counter() - start) / len(images))
+                    spent[key] += time.perf_counter() - start
+            for key in distinct:
+                totals[key].append(1000 * spent[key] / len(images))
+    times = {label: totals[key] for label, key in key_of.items()}
+    settings = [("plain", None)] + chosen
     ms = {label: statistics.median(v) for label, v in times.items()}
     breakdown = {label: profile(model, images, configure, calibration, args.repeats)
                  for label, calibration in settings[:2]}
