@@ -43,7 +43,8 @@ _model_overrides = model_overrides  # the old private name
 # built only when they run; the other commands' help lists them with these lines (tests/test_cli_help.py
 # checks that they are the packages' own).
 _HEAVY_COMMANDS = {
-    "exits": "early-exit classifiers: train, calibrate, evaluate, bench",
+    "exits": "early-exit classifiers (train, calibrate, evaluate, bench); a cascade detector's exit settings "
+             "(calibrate-detector)",
     "segment": "semantic segmentation: CASCADE decoder (train, eval, predict)",
 }
 

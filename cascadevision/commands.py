@@ -193,6 +193,9 @@ def _add_early_exit(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-prune", type=float,
                    help="stop refining (but keep) RoIs whose best class probability is below this")
     g.add_argument("--time-budget-ms", type=float, help="anytime inference: stop the cascade past this budget")
+    g.add_argument("--exit-config", metavar="FILE.yaml",
+                   help="exit settings chosen by `cascadevision exits calibrate-detector` (the flags above win); "
+                        "eval prints the realised AP and compute beside the planned ones")
 
 
 def _detection_model_options(p: argparse.ArgumentParser) -> None:
@@ -212,6 +215,11 @@ def model_overrides(args) -> dict:
     if extra:
         raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
     model = nested.get("model", {})
+    args.plain_overrides = json.loads(json.dumps(model))  # what the early exit is measured against (eval)
+    if getattr(args, "exit_config", None):
+        from .early_exit.detector_calibration import read_exit_config  # function-local: CLI start-up stays light
+        from_file, args.exit_plan = read_exit_config(args.exit_config)
+        model = update_nested(from_file, model)  # --set wins over the file
     options = {"policy": args.early_exit, "threshold": args.exit_threshold,
                "background_threshold": args.exit_background, "prune_threshold": args.exit_prune,
                "time_budget_ms": args.time_budget_ms}
@@ -221,6 +229,14 @@ def model_overrides(args) -> dict:
     return model
 
 
+def update_nested(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, nested dicts key by key (neither is modified)."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = update_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _detection_report(jobs, metrics: dict, cfg) -> None:
     scored = "bbox" in metrics or "segm" in metrics  # nothing to tabulate after train.eval_at_end=false
     if scored and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
@@ -228,13 +244,43 @@ def _detection_report(jobs, metrics: dict, cfg) -> None:
 
 
 def _detection_eval(jobs, args) -> int:
-    metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=model_overrides(args),
-                                  weights=args.weights, dtype=args.dtype,
+    overrides = model_overrides(args)
+    metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=overrides,
+                                  weights=args.weights, dtype=args.dtype, plain_overrides=args.plain_overrides,
                                   device=args.device, progress=not args.no_progress, class_map=args.class_map)
     print(jobs.format_metrics(metrics))
     if "early_exit" in metrics:
         print(jobs.format_exit_summary(metrics["early_exit"]))
+        plan = getattr(args, "exit_plan", None)
+        if plan:
+            print(format_plan(plan, metrics))
     return 0
+
+
+def format_plan(plan: dict, metrics: dict) -> str:
+    """The calibration's planned AP and compute (from --exit-config) beside this eval's realised ones."""
+    summary = metrics["early_exit"]
+    images = max(summary.get("num_images", 1), 1)
+    lines = ["| | planned (calibration split) | realised (this split) |", "|---|---|---|"]
+    for m in ("bbox", "segm"):
+        if f"{m}_ap" in plan and m in metrics:
+            plain = summary.get("plain_model", {}).get(m, {}).get("AP")
+            drop = f", drop {plain - metrics[m]['AP']:.1f}" if plain is not None else ""
+            lines.append(f"| {m} AP | {plan[f'{m}_ap']:.1f} (plain {plan[f'plain_{m}_ap']:.1f}, drop "
+                         f"{plan[f'plain_{m}_ap'] - plan[f'{m}_ap']:.1f}) | {metrics[m]['AP']:.1f}"
+                         + (f" (plain {plain:.1f}{drop})" if plain is not None else "") + " |")
+    if "roi_head_gmacs" in plan:
+        realised = summary["roi_head_gmacs"] / images
+        line = f"| RoI-head GMAC/image | {plan['roi_head_gmacs']:.2f} ({100 * plan['compute_fraction']:.1f}% of plain) | "
+        if "plain_model_gmacs" in summary:
+            line += f"{realised:.2f} ({100 * (1 - summary['saved_fraction']):.1f}% of plain) |"
+        else:
+            line += f"{realised:.2f} |"
+        lines.append(line)
+    target = ", ".join(f"{k} {v}" for k, v in (plan.get("target") or {}).items())
+    lines.append(f"(planned for {target} on {plan.get('split', 'the calibration split')}; AP target metric "
+                 f"{plan.get('metric', '?')})")
+    return "\n".join(lines)
 
 
 def _detection_predict(jobs, args) -> int:

@@ -102,6 +102,8 @@ class EarlyExitConfig:
     #                               stages it went through); classifier "gate": P(a later exit is right) < this
     background_threshold: float = 0.0  # detector: a RoI is dropped once P(background) >= this; 0 disables
     time_budget_ms: float = 0.0  # detector, anytime inference: past this the cascade stops at the current stage
+    mask_score_threshold: float = 0.0  # detector: a detection scoring below this gets its box as mask (no mask head
+    #                                    run); 0 disables. `cascadevision exits calibrate-detector` picks it
     patience: int = 2  # classifier "patience": exit once this many consecutive exits agree
     gate_hidden: int = 32  # classifier "gate": hidden width of each exit's gate
     gate_use_features: bool = True  # classifier "gate": it sees the stage's pooled feature map as well as the logits
@@ -110,7 +112,7 @@ class EarlyExitConfig:
     def enabled(self) -> bool:
         """Whether a detector's region exit asks for anything beyond the plain cascade."""
         return (self.policy != "none" or self.background_threshold > 0 or self.prune_threshold > 0
-                or self.time_budget_ms > 0)
+                or self.time_budget_ms > 0 or self.mask_score_threshold > 0)
 
 
 @dataclass
@@ -524,7 +526,8 @@ _RULES: dict[type, dict[str, tuple]] = {
                 "smooth_l1_beta": _above(0), "nms_iou": _IOU, "train_pre_nms": _COUNT, "train_post_nms": _COUNT,
                 "test_pre_nms": _COUNT, "test_post_nms": _COUNT, "min_box_size": _SIZE},
     EarlyExitConfig: {"policy": _one_of(*POLICY_NAMES), "threshold": _PROBABILITY, "prune_threshold": _PROBABILITY,
-                      "background_threshold": _PROBABILITY, "time_budget_ms": _SIZE, "patience": _COUNT,
+                      "background_threshold": _PROBABILITY, "time_budget_ms": _SIZE,
+                      "mask_score_threshold": _PROBABILITY, "patience": _COUNT,
                       "gate_hidden": _COUNT},
     SamplerConfig: {"num_samples": _COUNT, "pos_fraction": _PROBABILITY},
     BoxHeadConfig: {"roi_size": _COUNT, "num_fcs": _SIZE, "fc_channels": _COUNT, "loss_bbox": _LOSS_BBOX,

@@ -32,7 +32,8 @@ FLOORS = [
     ["presets", "segmentation.presets", "early_exit.presets"],
     ["data", "engine", "visualize", "segmentation.dataset", "segmentation.metrics", "segmentation.visualize",
      "early_exit.data"],
-    ["tasks", "pipeline", "weights", "segmentation.engine", "early_exit.pipeline", "serve"],
+    ["tasks", "pipeline", "weights", "segmentation.engine", "early_exit.pipeline", "early_exit.detector_calibration",
+     "serve"],
     ["commands", "cli", "demo", "segmentation.cli", "early_exit.cli"],
 ]
 

@@ -140,6 +140,10 @@ README_COMMANDS = {
         Skip("a request to the running server; tests/test_serve.py sends these with httpx"),
     "cascadevision weights inspect FILE": Run(),
     "cascadevision weights convert IN OUT.safetensors": Run(expect=("tensors to",)),
+    "cascadevision exits calibrate-detector runs/demo/checkpoints/final.pth --ann ... --images ... --max-ap-drop 0.5 "
+    "--out exit.yaml": Run(fill=(VAL_ANN, VAL_IMAGES), expect=("planned RoI-head compute", "wrote exit.yaml")),
+    "cascadevision eval runs/demo/checkpoints/final.pth --ann ... --images ... --exit-config exit.yaml":
+        Run(fill=(VAL_ANN, VAL_IMAGES), extra=("--no-progress",), expect=("planned (calibration split)",)),
     "cascadevision exits train --preset mobile": Run(extra=TINY_EXITS, expect=("wrote runs/exits-mobile/model.pth",)),
     "cascadevision exits calibrate runs/exits-mobile --max-drop 0.5":
         Run(expect=("wrote runs/exits-mobile/thresholds.json",)),

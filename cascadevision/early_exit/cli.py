@@ -1,4 +1,5 @@
-"""`cascadevision exits train|calibrate|evaluate|bench`: early-exit classifiers on the bundled digits.
+"""`cascadevision exits train|calibrate|evaluate|bench`: early-exit classifiers on the bundled digits;
+`cascadevision exits calibrate-detector`: a cascade detector's region-level exit settings for a target.
 
     cascadevision exits train --preset mobile                       # -> runs/exits-mobile/model.pth
     cascadevision exits calibrate runs/exits-mobile --max-drop 0.5  # -> runs/exits-mobile/thresholds.json
@@ -8,6 +9,8 @@
     cascadevision exits calibrate runs/hard --budget 0.5 --policy entropy --out runs/hard/budget.json
     cascadevision exits evaluate runs/hard --thresholds runs/hard/budget.json --out runs/hard/eval-budget
     cascadevision exits evaluate runs/hard --set run.mode=anytime --set run.budget_ms=20   # time budget
+    cascadevision exits calibrate-detector CKPT --ann VAL.json --images VAL/ --max-ap-drop 0.5 --out exit.yaml
+    cascadevision eval CKPT --ann TEST.json --images TEST/ --exit-config exit.yaml   # realised beside planned
 
 A run is a directory (or its model.pth). `exits train` refuses a directory that already holds something unless
 given --overwrite. `exits evaluate` and `exits bench` use the run's thresholds.json when `exits calibrate`
@@ -38,7 +41,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the `exits` command (with its own sub-commands) to the main CLI's subparsers."""
-    parser = subparsers.add_parser("exits", help="early-exit classifiers: train, calibrate, evaluate, bench",
+    parser = subparsers.add_parser("exits", help="early-exit classifiers (train, calibrate, evaluate, bench); a cascade "
+                                            "detector's exit settings (calibrate-detector)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="exits_command", required=True)
 
@@ -60,6 +64,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=[k for k in POLICY_KINDS if k != "none"], help="default: the checkpoint's")
     p.add_argument("--out", help="thresholds JSON (default: the run's thresholds.json)")
     _add_set(p)
+
+    p = sub.add_parser("calibrate-detector",
+                       help="choose a cascade detector's region-exit settings on a validation split (YAML for eval)",
+                       description="One pass of the plain model over the split, then every exit setting of the grid "
+                                   "(pruner, background drop, max_prob confident exit, box-only masks below a score, "
+                                   "fewer RPN proposals) "
+                                   "is replayed from the recorded stage outputs, and the cheapest meeting "
+                                   "--max-ap-drop (or the best within --budget) is written as a YAML for "
+                                   "`cascadevision eval/predict --exit-config FILE`. The AP is segm AP for mask "
+                                   "models, else bbox AP; compute is the RoI heads' MACs against the plain model's "
+                                   "on the same images.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a detector checkpoint written by `cascadevision train`")
+    p.add_argument("--ann", required=True, help="COCO annotations of the validation split")
+    p.add_argument("--images", required=True, help="directory of its images")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-ap-drop", type=float, help="AP points allowed below the plain model, e.g. 0.5")
+    goal.add_argument("--budget", type=float,
+                      help="RoI-head compute as a fraction of the plain model's, e.g. 0.5: the best AP within it")
+    p.add_argument("--out", default="exit_config.yaml", help="the YAML to write (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
+    p.add_argument("--show", action="store_true", help="print every setting scored")
 
     p = sub.add_parser("evaluate", help="exit table, stats.json and the accuracy-vs-compute PNG on the test split")
     p.add_argument("checkpoint", metavar="RUN", help="a run directory (of `exits train`) or its model.pth")
@@ -123,6 +148,9 @@ def run(args) -> int:
     if command == "train":
         return _train(args)
 
+    if command == "calibrate-detector":
+        return _calibrate_detector(args)
+
     checkpoint = run_checkpoint(args.checkpoint)
     run_ = load_run(checkpoint, parse_overrides(args.overrides))
     set_threads(run_.cfg.train.threads)
@@ -167,3 +195,39 @@ def run(args) -> int:
             Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     raise AssertionError(command)
+
+
+def _calibrate_detector(args) -> int:
+    # function-local: the detection task (datasets, evaluator, models) loads only for this command, so the CLI
+    # start-up stays light
+    from .detector_calibration import calibrate_detector, format_candidates, load_replay, write_calibration
+
+    if not str(args.out).endswith((".yaml", ".yml")):
+        raise ConfigError(f"--out {args.out}: the exit config is YAML; name it .yaml or .yml")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise ConfigError(f"--budget {args.budget}: a fraction of the plain model's RoI-head compute, in (0, 1]")
+    if args.max_ap_drop is not None and args.max_ap_drop < 0:
+        raise ConfigError(f"--max-ap-drop {args.max_ap_drop}: AP points, at least 0")
+    replay = load_replay(args.checkpoint, args.ann, args.images, device=args.device)
+    print(f"recorded {len(replay.images)} images in {replay.seconds:.1f} s; searching", flush=True)
+    log = None
+    if args.show:
+        def log(c):
+            shown = ", ".join(f"{k}={v}" for k, v in c.exit.items())
+            print(f"  scored {shown}: bbox AP {c.bbox_ap}, segm AP {c.segm_ap}, {100 * c.fraction:.1f}% compute",
+                  flush=True)
+    calibration, scored = calibrate_detector(replay, max_ap_drop=args.max_ap_drop, budget=args.budget, log=log)
+    if args.show:
+        print(format_candidates(scored, calibration.metric))
+    out = write_calibration(calibration, args.out, source=args.ann)
+    shown = ", ".join(f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}" for k, v in calibration.exit.items())
+    print(f"chosen: {shown}{'' if calibration.met else '  (target NOT met)'}")
+    planned, plain = calibration.planned, calibration.plain
+    aps = "; ".join(f"{m} AP {planned[f'{m}_ap']:.1f} (plain {plain[f'{m}_ap']:.1f})"
+                    for m in ("bbox", "segm") if f"{m}_ap" in planned)
+    print(f"planned on {len(replay.images)} validation images: {aps}; target metric {calibration.metric} AP")
+    print(f"planned RoI-head compute: {planned['roi_head_gmacs']:.2f} GMAC/image vs {plain['roi_head_gmacs']:.2f} for "
+          f"the plain model ({100 * planned['compute_fraction']:.1f}%, {100 * (1 - planned['compute_fraction']):.1f}% "
+          f"saved); {calibration.settings_scored} settings scored in {calibration.seconds:.0f} s")
+    print(f"wrote {out}: pass it to `cascadevision eval CKPT --exit-config {out} ...` (or predict)")
+    return 0

@@ -261,15 +261,21 @@ class CascadeRoIHead(RoIHead):
         labels = torch.cat([d["labels"] for d in detections])
         exit_stage = torch.cat([d["exit_stage"] for d in detections])
         probs = rois.new_zeros((len(rois), size, size))
-        for stage in exit_stage.unique().tolist():  # at most num_stages groups
-            group = exit_stage == stage
+        # an exit policy's `mask_score_threshold`: detections scoring below it get their box as mask, no mask head run
+        box_only = getattr(self.exit_policy, "mask_score_threshold", 0.0) if self.exit_policy is not None else 0.0
+        headed = None
+        if box_only > 0:
+            headed = torch.cat([d["scores"] for d in detections]) >= box_only
+            probs[~headed] = 1.0
+        for stage in (exit_stage if headed is None else exit_stage[headed]).unique().tolist():  # <= num_stages groups
+            group = exit_stage == stage if headed is None else (exit_stage == stage) & headed
             mask_feats = self._roi_features(features, rois[group], self.cfg.mask_head.roi_size, semantic_feat)
             index = torch.arange(int(group.sum()), device=rois.device)
             stage_probs = [logits[index, labels[group]].float().sigmoid()
                            for logits in self._mask_logits(stage, mask_feats)]
             probs[group] = torch.stack(stage_probs).mean(0) if self.cfg.test.mask_ensemble == "mean" else stage_probs[-1]
         if self.exit_policy is not None and hasattr(self.exit_policy, "count_masks"):
-            self.exit_policy.count_masks(exit_stage)
+            self.exit_policy.count_masks(exit_stage if headed is None else exit_stage[headed])
         for d, p in zip(detections, probs.split([len(b) for b in det_boxes])):
             d["mask_probs"] = p
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PREDICT_SCORE_THR, Config, ModelConfig, update
+from ..config import PREDICT_SCORE_THR, Config, EarlyExitConfig, ModelConfig, update
 from ..data import CocoDataset, RandomHorizontalFlip, check_dataset, match_classes
 from ..data.coco_classes import COCO_CLASSES, COCO_IDS
 from ..engine import evaluate
@@ -29,7 +29,7 @@ from ..hub import is_url, resolve
 from ..io.checkpoint import atomic_write, read_state_dict
 from ..io.images import IMAGE_SUFFIXES, collect_images, unique_output_names
 from ..io.weights import detect_format, load_state, weights_classes
-from ..early_exit.detection import build_from_config  # the detector with its early-exit hook
+from ..early_exit.detection import COUNTING, build_from_config, exit_policy_for_head  # the detector with its early-exit hook
 from ..models.presets import COCO_PRESETS
 from ..outputs import ensure_writable_dir
 from ..presets import DETECTION_PRESETS, preset_config, preset_names
@@ -149,8 +149,16 @@ def format_exit_summary(summary: dict) -> str:
     for t, (rois, exits, dropped, masks) in enumerate(zip(summary["rois"], summary["exits"], summary["dropped"],
                                                            summary["masks"])):
         lines.append(f"| {t + 1} | {rois} | {exits} | {dropped} | {masks} |")
-    lines.append(f"RoI-head compute: {summary['roi_head_gmacs']:.2f} GMAC vs {summary['full_cascade_gmacs']:.2f} "
-                 f"for the full cascade on the same proposals ({100 * summary['saved_fraction']:.1f}% saved)")
+    if "plain_model_gmacs" in summary:
+        lines.append(f"RoI-head compute: {summary['roi_head_gmacs']:.2f} GMAC vs {summary['plain_model_gmacs']:.2f} "
+                     f"for {summary['baseline']} ({100 * summary['saved_fraction']:.1f}% saved; "
+                     f"{summary['full_cascade_gmacs']:.2f} for the full cascade on the same proposals)")
+    else:
+        lines.append(f"RoI-head compute: {summary['roi_head_gmacs']:.2f} GMAC vs {summary['full_cascade_gmacs']:.2f} "
+                     f"for the full cascade on the same proposals ({100 * summary['saved_fraction']:.1f}% saved)")
+    lines.append(f"counted: {summary.get('counting', COUNTING)}")
+    for iou_type, plain in summary.get("plain_model", {}).items():
+        lines.append(f"plain model {iou_type} AP on the same images: {plain['AP']:.1f}")
     return "\n".join(lines)
 
 
@@ -288,10 +296,16 @@ def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
 
 def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str | Path,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   class_map: str | dict | None = None, weights: str = "", dtype: str = "fp32") -> dict:
+                   class_map: str | dict | None = None, weights: str = "", dtype: str = "fp32",
+                   plain_overrides: dict | None = None) -> dict:
     """COCO AP of a checkpoint (or of a preset with `weights`, see `load_model`) on an annotation file, its
     classes matched to the file's categories by id and name (`class_map` says how they relate when they differ;
-    see `data.match_classes`). `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`)."""
+    see `data.match_classes`). `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`).
+
+    With early exit on, the plain model (no early exit) runs on the same images too, and `metrics['early_exit']`
+    holds its AP and RoI-head compute beside the early-exit run's. The plain model is the same model with the exits
+    off, or, when `plain_overrides` are given and differ from `overrides` beyond the exits (an exit config that
+    also sets `rpn.test_post_nms`), the model built with `plain_overrides`."""
     precision = amp_dtype(dtype, resolve_device(device), "--dtype")
     if out_dir:
         ensure_writable_dir(out_dir, "evaluation output directory")
@@ -309,10 +323,33 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
         head.reset_exit_stats()
     metrics = evaluate(model, dataset, out_dir=out_dir, progress=progress, cat_ids=mapping.cat_ids, dtype=precision)
     if hasattr(head, "exit_summary") and model.cfg.roi_head.early_exit.enabled:  # the table only when asked for
-        metrics["early_exit"] = head.exit_summary()
+        # the honest baseline: the plain model (same weights, no early exit) on the same images, counted alike
+        policy = head.exit_policy
+        plain_model = model
+        if plain_overrides is not None and _without_exit(plain_overrides) != _without_exit(overrides or {}):
+            plain_model, _ = load_model(checkpoint, _without_exit(plain_overrides), device, weights=weights,
+                                        progress=progress)
+        plain_head = plain_model.roi_head
+        plain_head.exit_policy = exit_policy_for_head(plain_head, EarlyExitConfig())
+        try:
+            plain = evaluate(plain_model, dataset, out_dir=None, progress=progress, cat_ids=mapping.cat_ids,
+                             dtype=precision)
+            plain_counts = plain_head.exit_policy.total()
+        finally:
+            head.exit_policy = policy
+        metrics["early_exit"] = policy.summary(plain=plain_counts)
+        metrics["early_exit"]["plain_model"] = {k: plain[k] for k in ("bbox", "segm") if k in plain}
+        metrics["early_exit"]["num_images"] = len(dataset)
         if out_dir:
             (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _without_exit(overrides: dict) -> dict:
+    """Model overrides without `roi_head.early_exit`."""
+    out = {k: v for k, v in overrides.items() if k != "roi_head"}
+    roi_head = {k: v for k, v in (overrides.get("roi_head") or {}).items() if k != "early_exit"}
+    return {**out, "roi_head": roi_head} if roi_head else out
 
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
