@@ -134,6 +134,12 @@ README_COMMANDS = {
     "htc_r50_fpn_1x_coco/htc_r50_fpn_1x_coco_20200317-7332cf16.pth some/images/ --out preds-coco":
         Skip("downloads MMDetection's 300 MB weights; tests/test_pretrained_cli.py runs this path on file:// "
              "URLs and an unreachable URL"),
+    "cascadevision export runs/r18/checkpoints/final.pth --format onnx --out r18.onnx":
+        Skip("an ONNX export takes minutes on a shared CPU; tests/test_export.py runs `export` on a tiny checkpoint"),
+    "cascadevision predict --onnx r18.onnx some/images/ --out preds-onnx --threads 2":
+        Skip("needs the export above; tests/test_export.py runs `predict --onnx` against the checkpoint's outputs"),
+    "cascadevision predict runs/r18/checkpoints/final.pth some/images/ --out preds --compile":
+        Skip("inductor compiles for minutes on a shared CPU; tests/test_compile.py compiles a tiny model"),
     "cascadevision weights inspect FILE": Run(),
     "cascadevision weights convert IN OUT.safetensors": Run(expect=("tensors to",)),
     "cascadevision exits train --preset mobile": Run(extra=TINY_EXITS, expect=("wrote runs/exits-mobile/model.pth",)),

@@ -233,6 +233,8 @@ class CascadedGroupAttention(nn.Module):
             raise ValueError(f"CascadedGroupAttention: a {height}x{width} map needs a bias table of at least that "
                              f"size, this one is {self.resolution}x{self.resolution}")
         device = self.attention_bias_idxs.device
+        if torch.compiler.is_compiling():  # symbolic sizes (torch.export / compile) are no dictionary keys
+            return relative_offset_index(height, width, self.resolution).to(device)
         key = (height, width, device)
         if key not in self._index_cache:
             self._index_cache[key] = relative_offset_index(height, width, self.resolution).to(device)
