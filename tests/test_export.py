@@ -103,7 +103,23 @@ SLOW = ["faster_rcnn_r18_fpn", "mask_rcnn_r18_fpn", "cascade_rcnn_r18_fpn", "cas
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", SLOW)
 def test_export_matches_eager_every_family(preset, tmp_path, one_thread):
-    check_family(tiny_detector(preset), tmp_path, "onnx")
+    model = tiny_detector(preset)
+    if "efficientvit" not in preset:
+        check_family(model, tmp_path, "onnx")
+        return
+    # EfficientViT attends to a whole feature map that fits in one 7x7 window and in windows otherwise: the
+    # export follows its example's branch (96x128 here: stride-16 map 6x8, so windows) and says which sizes
+    # keep to it; the 128x96 image (8x6, windows too, but reached through the height) is refused in one line
+    path = tmp_path / "model.onnx"
+    meta = export_model(model, path, "onnx")
+    assert meta["input"]["height_range"] == [96, 96] and meta["input"]["width_range"] == [128, 224]
+    exported = load_exported(path, threads=1)
+    first, second, third = images()
+    with torch.no_grad():
+        for image in (first, second):
+            assert_same_detections(exported([image])[0], model([image])[0])
+    with pytest.raises(CascadeVisionError, match="this export takes padded heights in \\[96, 96\\]"):
+        exported([third])
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from .. import __version__
 from ..config import InputConfig
@@ -33,7 +34,7 @@ from ..io.checkpoint import atomic_write
 from ..models.transform import DetectionTransform
 from .detection import DetectionGraph
 
-__all__ = ["FORMATS", "export_model", "input_contract", "preprocess", "sidecar_path"]
+__all__ = ["FORMATS", "export_model", "input_contract", "padded_size_ranges", "preprocess", "sidecar_path"]
 
 FORMATS = ("onnx", "exported-program")
 META_FORMAT = "cascadevision-export/1"
@@ -76,6 +77,12 @@ def preprocess(image: Tensor, contract) -> tuple[Tensor, dict]:
     if max(batch.shape[-2:]) > MAX_SIDE:
         raise ModelInputError(f"preprocess: the resized image is {tuple(batch.shape[-2:])}, above the exported graph's "
                               f"{MAX_SIDE} pixels per side")
+    for axis, key in ((2, "height_range"), (3, "width_range")):
+        bounds = contract.get(key) if isinstance(contract, Mapping) else None
+        if bounds and not bounds[0] <= batch.shape[axis] <= bounds[1]:
+            raise ModelInputError(f"preprocess: this export takes padded {key.split('_')[0]}s in [{bounds[0]}, "
+                                  f"{bounds[1]}] (its backbone branches on feature-map sizes; export again with an "
+                                  f"example image of this size), got {batch.shape[axis]}")
     meta = {"image_size": torch.tensor(sizes[0], dtype=torch.long, device=image.device),
             "scale_factor": factors[0], "original_size": tuple(image.shape[-2:])}
     return batch.float(), meta
@@ -111,6 +118,7 @@ def export_model(model, path: str | Path, fmt: str = "onnx", *, class_names=None
     image, info = preprocess(example.to(device), model.cfg.input)
     args = (image, info["image_size"])
     program = export_program(graph, args, model.cfg.input.size_divisor)
+    meta["input"].update(padded_size_ranges(program))
     path = Path(path)
     if fmt == "exported-program":
         atomic_write(path, lambda f: torch.export.save(program, f))
@@ -128,6 +136,25 @@ def export_program(graph: torch.nn.Module, args: tuple, size_divisor: int) -> to
     with torch.no_grad():
         return torch.export.export(graph, args, dynamic_shapes=({2: size_divisor * height, 3: size_divisor * width},
                                                                 None), strict=False)
+
+
+def padded_size_ranges(program: torch.export.ExportedProgram) -> dict:
+    """{'height_range': [lo, hi], 'width_range': [lo, hi]}: the padded input sizes the graph is valid for.
+
+    Usually [size_divisor, MAX_SIDE]. A model whose code branches on the size of a feature map (EfficientViT:
+    whole-map attention for maps within one window, windowed attention above) is exported for the branch its
+    example took, and the range says so; `preprocess` refuses images outside it."""
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    out = {}
+    for key, size in (("height_range", node.meta["val"].shape[2]), ("width_range", node.meta["val"].shape[3])):
+        if not isinstance(size, torch.SymInt):
+            out[key] = [int(size), int(size)]
+            continue
+        expr = size.node.expr  # e.g. 32*s0: the ranges torch.export refined are those of the symbols
+        bounds = bound_sympy(expr, {sym: program.range_constraints[sym] for sym in expr.free_symbols})
+        out[key] = [int(bounds.lower), int(bounds.upper)]
+    return out
 
 
 def onnx_bytes(program: torch.export.ExportedProgram, args: tuple, meta: dict) -> bytes:
