@@ -24,7 +24,8 @@ import sys
 import warnings
 
 from .commands import DETECTION, SEGMENTATION, HelpFormatter, add_serve, add_set, model_overrides, run_serve
-from .errors import CascadeVisionError, CheckpointError
+from .config import parse_overrides
+from .errors import CascadeVisionError, CheckpointError, ConfigError
 from .runtime import configure_cpu_runtime
 
 configure_cpu_runtime()  # before anything imports torch: OpenMP reads OMP_WAIT_POLICY once, when torch loads
@@ -37,6 +38,15 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 _model_overrides = model_overrides  # the old private name
+
+
+def model_overrides_only(overrides: list[str] | None) -> dict:
+    """--set values of a command that takes model.* keys only, as the model section's dict."""
+    nested = parse_overrides(overrides)
+    extra = set(nested) - {"model"}
+    if extra:
+        raise ConfigError(f"only model.* keys can be overridden here, got {', '.join(sorted(extra))}")
+    return nested.get("model", {})
 
 
 # Commands whose parsers are built from their packages, which load torch (a second of start-up): they are
@@ -90,6 +100,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     w = wsub.add_parser("convert", help="convert a checkpoint to safetensors")
     w.add_argument("src", help="a checkpoint or weights file")
     w.add_argument("dst", help="the .safetensors file to write")
+
+    p = sub.add_parser("export", formatter_class=HelpFormatter,
+                       help="write a trained detector as ONNX or a torch.export program",
+                       description="Export a checkpoint's detector: one resized, normalised image in (dynamic height "
+                                   "and width, batch 1), boxes, scores, labels and 28x28 mask probabilities out; "
+                                   "classes, input contract, preset and version travel with the file. See "
+                                   "cascadevision.export for the contract; `predict --onnx FILE` runs the file.")
+    p.add_argument("checkpoint", help="a checkpoint written by `train`")
+    p.add_argument("--format", default="onnx", choices=("onnx", "exported-program"),
+                   help="onnx (RoiAlign/NonMaxSuppression, opset 18; runs in onnxruntime) or exported-program "
+                        "(torch.export.save; metadata in FILE.json next to it)")
+    p.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 for an exported program)")
+    add_set(p, "model.roi_head.test.score_thr=0.3")
 
     DETECTION.add_presets(sub)
     DETECTION.add_config(sub)
@@ -176,6 +199,13 @@ def _run(args) -> int:
             print(format_problems(problems, limit=200))
             return 1
         print(f"{args.ann}: no problems found")
+        return 0
+    if args.command == "export":
+        from .tasks.detection import DETECTION as task  # CLI start-up stays light (see above)
+
+        meta = task.export(args.checkpoint, args.out, args.format, model_overrides_only(args.overrides))
+        print(f"wrote {args.out} ({args.format}; {len(meta['class_names'])} classes, outputs "
+              f"{', '.join(meta['outputs'])})")
         return 0
     if args.command == "demo":
         from .demo import run_demo  # CLI start-up stays light (see above)

@@ -90,6 +90,7 @@ class TaskCommands:
         p.add_argument("--no-progress", action="store_true",
                        help="no progress bar: a log line every train.log_interval iterations instead (what a "
                             "run whose stderr is not a terminal prints anyway)")
+        _compile_flag(p)
         add_set(p, self.set_example)
         return p
 
@@ -106,7 +107,7 @@ class TaskCommands:
     def add_predict(self, sub) -> argparse.ArgumentParser:
         p = sub.add_parser("predict", help=self.predict_help, formatter_class=HelpFormatter)
         p.add_argument("checkpoint", help=self.checkpoint_help)
-        p.add_argument("inputs", nargs="+", help="image files or directories")
+        p.add_argument("inputs", nargs="*", help="image files or directories")
         p.add_argument("--out", required=True, help="directory for the overlay PNGs and results.json")
         self.predict_options(p)
         self._device_and_model_options(p)
@@ -153,7 +154,8 @@ class TaskCommands:
             cfg = update(cfg, {"data": data})
             cfg = update(cfg, parse_overrides(args.overrides))  # command-line --set wins over the flags
             metrics = task.run_training(cfg, args.out, resume=args.resume, weights=args.weights,
-                                        progress=not args.no_progress, overwrite=args.overwrite)
+                                        progress=not args.no_progress, overwrite=args.overwrite,
+                                        compile=args.compile)
             if self.report_training is not None:
                 self.report_training(jobs, metrics, cfg)
             return 0
@@ -162,6 +164,12 @@ class TaskCommands:
         if verb == "predict":
             return self.predict(jobs, args)
         raise AssertionError(verb)
+
+
+def _compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's dense parts (backbone, neck, heads) with dynamic shapes: a slow "
+                        "first iteration, then faster ones on CPU and GPU")
 
 
 def _dests(flags: tuple[tuple[str, str | None], ...]) -> list[str]:
@@ -247,6 +255,7 @@ def _detection_eval(jobs, args) -> int:
     overrides = model_overrides(args)
     metrics = jobs.run_evaluation(args.checkpoint, args.ann, args.images, args.out, overrides=overrides,
                                   weights=args.weights, dtype=args.dtype, plain_overrides=args.plain_overrides,
+                                  compile=args.compile,
                                   device=args.device, progress=not args.no_progress, class_map=args.class_map)
     print(jobs.format_metrics(metrics))
     if "early_exit" in metrics:
@@ -284,10 +293,32 @@ def format_plan(plan: dict, metrics: dict) -> str:
 
 
 def _detection_predict(jobs, args) -> int:
-    summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
+    if args.onnx and (args.weights or args.overrides or args.compile or args.dtype != "fp32"):
+        raise ConfigError("predict --onnx runs the exported file as it is: --weights, --set, --compile and --dtype go "
+                          "with a checkpoint or preset")
+    # with --onnx the first positional argument is an input too (there is no checkpoint)
+    inputs = [args.checkpoint, *args.inputs] if args.onnx else args.inputs
+    if not inputs:
+        raise ConfigError("predict: give the image files or directories to predict after the checkpoint")
+    summary = jobs.run_prediction(args.checkpoint, inputs, args.out, score_thr=args.score_thr,
+                                  onnx=args.onnx, threads=args.threads, compile=args.compile,
                                   weights=args.weights, dtype=args.dtype,
                                   overrides=model_overrides(args), device=args.device, progress=not args.no_progress)
     return report_failures(summary, f"wrote {{count}} overlays and results.json to {Path(args.out)}")
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    _class_map(p)
+    _compile_flag(p)
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
+    _score_thr(p)
+    p.add_argument("--onnx", default="", metavar="FILE",
+                   help="predict with an exported model instead (`cascadevision export`: .onnx through "
+                        "onnxruntime on the CPU, or a torch.export .pt2); then every positional argument is an input")
+    p.add_argument("--threads", type=int, default=None, help="--onnx: onnxruntime's threads (default: its own)")
+    _compile_flag(p)
 
 
 def _class_map(p: argparse.ArgumentParser) -> None:
@@ -318,7 +349,7 @@ DETECTION = TaskCommands(
                 ("--val-images", "directory of the validation images")),
     eval_inputs=(("--ann", "COCO annotation JSON to score against"), ("--images", "directory of its images")),
     eval_out_help="directory for results.json and metrics.json",
-    eval_options=_class_map, predict_options=_score_thr, model_options=_detection_model_options,
+    eval_options=_eval_options, predict_options=_predict_options, model_options=_detection_model_options,
     checkpoint_help="a checkpoint written by `train`, or a preset name (or YAML config) to run with --weights; "
                     "an existing file is read as a checkpoint",
     report_training=_detection_report, evaluate=_detection_eval, predict=_detection_predict,
@@ -350,6 +381,8 @@ def _segmentation_eval(jobs, args) -> int:
 
 
 def _segmentation_predict(jobs, args) -> int:
+    if not args.inputs:
+        raise ConfigError("predict: give the image files or directories to predict after the checkpoint")
     summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, device=args.device,
                                   progress=not args.no_progress, alpha=args.alpha)
     out = Path(args.out)

@@ -9,7 +9,7 @@ Floors, lowest first (a module's floor is that of the longest prefix listed):
     2 models (+ the segmentation and early-exit models)          nn.Modules, their configs and builders
     3 io, hub                                                    weights I/O: formats, loaders, name maps, files
     4 presets (+ each task's presets)                            named presets, schedules, the config loader
-    5 data, engine, visualize (+ the tasks' datasets, metrics)   datasets, training and evaluation loops
+    5 data, engine, visualize, export (+ the tasks' datasets)   datasets, train/eval loops, export, compile
     6 tasks (+ the old task modules kept as re-exports), serve   a Task per task: train / evaluate / predict; the server
     7 commands, cli, demo (+ the tasks' command lines)           what people run
 """
@@ -30,8 +30,8 @@ FLOORS = [
      "early_exit.detection"],
     ["io", "hub"],
     ["presets", "segmentation.presets", "early_exit.presets"],
-    ["data", "engine", "visualize", "segmentation.dataset", "segmentation.metrics", "segmentation.visualize",
-     "early_exit.data"],
+    ["data", "engine", "visualize", "export", "segmentation.dataset", "segmentation.metrics",
+     "segmentation.visualize", "early_exit.data"],
     ["tasks", "pipeline", "weights", "segmentation.engine", "early_exit.pipeline", "early_exit.detector_calibration",
      "serve"],
     ["commands", "cli", "demo", "segmentation.cli", "early_exit.cli"],

@@ -138,6 +138,12 @@ README_COMMANDS = {
         Skip("serves until stopped; tests/test_serve.py starts it on a free port and sends it requests"),
     "curl -F image=@photo.jpg http://127.0.0.1:8000/predict?score_thr=0.5":
         Skip("a request to the running server; tests/test_serve.py sends these with httpx"),
+    "cascadevision export runs/r18/checkpoints/final.pth --format onnx --out r18.onnx":
+        Skip("an ONNX export takes minutes on a shared CPU; tests/test_export.py runs `export` on a tiny checkpoint"),
+    "cascadevision predict --onnx r18.onnx some/images/ --out preds-onnx --threads 2":
+        Skip("needs the export above; tests/test_export.py runs `predict --onnx` against the checkpoint's outputs"),
+    "cascadevision predict runs/r18/checkpoints/final.pth some/images/ --out preds --compile":
+        Skip("inductor compiles for minutes on a shared CPU; tests/test_compile.py compiles a tiny model"),
     "cascadevision weights inspect FILE": Run(),
     "cascadevision weights convert IN OUT.safetensors": Run(expect=("tensors to",)),
     "cascadevision exits calibrate-detector runs/demo/checkpoints/final.pth --ann ... --images ... --max-ap-drop 0.5 "

@@ -191,8 +191,9 @@ def relative_offset_index(height: int, width: int, table_size: int) -> Tensor:
     """(N, N) index of the bias for query i and key j of an height x width map, N = height*width: the table holds
     one entry per (|row offset|, |column offset|) pair of a table_size x table_size map, at |dr|*table_size + |dc|
     (the order in which the reference enumerates them)."""
-    rows = torch.arange(height).repeat_interleave(width)  # (N,)
-    cols = torch.arange(width).repeat(height)  # (N,)
+    # row and column of every token, row-major (broadcasts rather than repeat_interleave, which exports badly)
+    rows = torch.arange(height)[:, None].expand(height, width).reshape(-1)  # (N,)
+    cols = torch.arange(width)[None, :].expand(height, width).reshape(-1)  # (N,)
     d_row = (rows[:, None] - rows[None, :]).abs()
     d_col = (cols[:, None] - cols[None, :]).abs()
     return d_row * table_size + d_col
@@ -232,6 +233,8 @@ class CascadedGroupAttention(nn.Module):
         if height > self.resolution or width > self.resolution:
             raise ValueError(f"CascadedGroupAttention: a {height}x{width} map needs a bias table of at least that "
                              f"size, this one is {self.resolution}x{self.resolution}")
+        if torch.compiler.is_compiling():  # symbolic sizes (torch.export / compile) are no dictionary keys
+            return relative_offset_index(height, width, self.resolution).to(self.attention_bias_idxs.device)
         device = self.attention_bias_idxs.device
         key = (height, width, device)
         if key not in self._index_cache:

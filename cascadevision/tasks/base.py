@@ -21,10 +21,11 @@ from ..data.image import load_image
 from ..engine import train
 from ..engine.rundir import check_run_dir
 from ..engine.trainer import resolve_device
-from ..errors import CheckpointError, DatasetError
+from ..errors import CheckpointError, ConfigError, DatasetError
+from ..export.compile import compile_model
 from ..io.checkpoint import read_state_dict, state_dict_mismatch
 from ..io.weights import load_weights
-from ..outputs import ensure_writable_dir
+from ..outputs import ensure_writable_dir, ensure_writable_file
 from ..presets import PresetFamily
 
 
@@ -47,6 +48,8 @@ class Task:
     format_metrics: Callable[..., str]
     check_checkpoint: Callable[[Path, dict], None] | None = None  # raises when a checkpoint is another task's
     no_config_hint: str = ""  # what to do with a checkpoint that has no config of ours ({path}: the file)
+    # (model, path, format, checkpoint meta) -> metadata written: the task's exporter (None: it has none yet)
+    export_model: Callable[..., dict] | None = None
 
     def load_config(self, preset_or_path: str | Path | None = None, overrides: list[str] | dict | None = None):
         return self.presets.load(preset_or_path, overrides)
@@ -75,10 +78,20 @@ class Task:
             return model, meta
         return model.to(resolve_device(device)).eval(), meta
 
+    def export(self, checkpoint: str | Path, out: str | Path, fmt: str = "onnx", overrides: dict | None = None) -> dict:
+        """Write the model of a checkpoint of ours as an ONNX file or a torch.export program (`cascadevision
+        export`); returns the metadata stored with it."""
+        if self.export_model is None:
+            raise ConfigError(f"export: {self.name} models have no exporter yet (detectors do)")
+        ensure_writable_file(out, "export file")
+        model, meta = self.model_from_checkpoint(checkpoint, overrides, device="cpu")
+        return self.export_model(model, Path(out), fmt, meta)
+
     def run_training(self, cfg, out_dir: str | Path, *, resume: bool | str = False, weights: str = "",
-                     progress: bool = True, overwrite: bool = False) -> dict:
+                     progress: bool = True, overwrite: bool = False, compile: bool = False) -> dict:
         """Check what can be checked (the run directory, then the task's data), build the model with the
-        dataset's classes, load initial weights, train with the engine, evaluate on the val split at the end."""
+        dataset's classes, load initial weights, train with the engine, evaluate on the val split at the end.
+        `compile`: the model's dense parts run through torch.compile (`export.compile.compile_model`)."""
         if self.presets.validate is not None:
             self.presets.validate(cfg)
         check_run_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -92,6 +105,8 @@ class Task:
             if report["reinitialised"]:
                 print(f"weights: {init}: re-initialised for {job.cfg.model.num_classes} classes: "
                       f"{', '.join(report['reinitialised'])}")
+        if compile:
+            compile_model(model)
         return train(job.cfg, model, job.train_set, out_dir, val_dataset=job.val_set, resume=resume,
                      overwrite=overwrite, progress=progress, evaluate_fn=job.evaluate)
 
@@ -102,7 +117,7 @@ def predict_images(model: torch.nn.Module, files: list[Path], names: list[str],
     """Run `model` on each image file (uint8 read, scaled to [0, 1]) and hand the prediction, on the CPU, to
     `write(index, path, output name, image, prediction)`, which returns the file's summary entry. A file that
     cannot be read is skipped: its entry is {'file_name', 'error'}, and the others are still predicted."""
-    device = next(model.parameters()).device
+    device = model.device if hasattr(model, "device") else next(model.parameters()).device  # an exported model
     summary = []
     for index, (path, name) in enumerate(tqdm(list(zip(files, names)), desc="predict", disable=not progress)):
         try:

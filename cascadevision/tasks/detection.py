@@ -24,6 +24,9 @@ from ..engine import evaluate
 from ..engine.amp import amp_dtype, autocast
 from ..engine.evaluator import deferred_mask_pasting, results_to_coco
 from ..engine.trainer import resolve_device
+from ..export import export_model
+from ..export.compile import compile_model
+from ..export.runtime import load_exported
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..hub import is_url, resolve
 from ..io.checkpoint import atomic_write, read_state_dict
@@ -162,16 +165,23 @@ def format_exit_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def export_detector(model, path: Path, fmt: str, meta: dict) -> dict:
+    """The detection task's exporter (`Task.export`): the checkpoint's classes and preset travel with the file."""
+    names, ids = checkpoint_classes(model, meta)
+    return export_model(model, path, fmt, class_names=names or model.class_names, cat_ids=ids,
+                        preset=model.cfg.preset)
+
+
 DETECTION = Task(
     name="detection", presets=DETECTION_PRESETS, model_config=ModelConfig, build_model=build_from_config,
-    prepare_training=prepare_training, format_metrics=format_metrics,
+    prepare_training=prepare_training, format_metrics=format_metrics, export_model=export_detector,
     no_config_hint="if it holds a detector's weights (an MMDetection file, say), name the preset they belong to: "
                    "`cascadevision predict PRESET --weights {path} IMAGES`")
 TASK = DETECTION  # what `cascadevision.commands` runs
 
 
 def run_training(cfg: Config, out_dir: str | Path, *, resume: bool | str = False, weights: str = "",
-                 progress: bool = True, overwrite: bool = False) -> dict:
+                 progress: bool = True, overwrite: bool = False, compile: bool = False) -> dict:
     """Build datasets and the model for `cfg`, load initial weights, train, evaluate at the end.
 
     Everything that can be checked before training is: the run directory (see `engine.rundir`), the
@@ -179,7 +189,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, resume: bool | str = False
     categories are the training set's.
     """
     return DETECTION.run_training(cfg, out_dir, resume=resume, weights=weights, progress=progress,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, compile=compile)
 
 
 def model_from_checkpoint(path: str | Path, **overrides):
@@ -297,7 +307,7 @@ def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
 def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str | Path,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
                    class_map: str | dict | None = None, weights: str = "", dtype: str = "fp32",
-                   plain_overrides: dict | None = None) -> dict:
+                   plain_overrides: dict | None = None, compile: bool = False) -> dict:
     """COCO AP of a checkpoint (or of a preset with `weights`, see `load_model`) on an annotation file, its
     classes matched to the file's categories by id and name (`class_map` says how they relate when they differ;
     see `data.match_classes`). `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`).
@@ -311,6 +321,8 @@ def run_evaluation(checkpoint: str | Path, ann: str, images: str, out_dir: str |
         ensure_writable_dir(out_dir, "evaluation output directory")
     dataset = CocoDataset(ann, images, train=False)  # before the model: a wrong path fails before any download
     model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
+    if compile:
+        compile_model(model)
     names, ids = checkpoint_classes(model, meta)
     source = f"weights ({meta['weights']})" if meta.get("weights") else f"checkpoint ({checkpoint})"
     mapping = match_classes(names, ids, dataset.class_names, dataset.cat_ids, class_map=class_map,
@@ -354,19 +366,31 @@ def _without_exit(overrides: dict) -> dict:
 
 def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, *, score_thr: float = PREDICT_SCORE_THR,
                    overrides: dict | None = None, device: str = "auto", progress: bool = True,
-                   weights: str = "", dtype: str = "fp32") -> list[dict]:
+                   weights: str = "", dtype: str = "fp32", onnx: str = "", threads: int | None = None,
+                   compile: bool = False) -> list[dict]:
     """Overlay PNGs (masks, boxes, class names, scores) and a COCO-style results JSON for images or folders, from
     a checkpoint of ours or a preset with `weights` (see `load_model`).
 
     Returns one entry per input file: {'file_name', 'overlay', 'detections'}, or {'file_name', 'error'} for a
     file that could not be read (it is skipped; the others are still predicted). results.json is written
     even when the run stops early. `dtype` "bf16" or "fp16" runs the model under autocast (`engine.amp`).
+
+    `onnx`: instead of `checkpoint`, an exported file (`cascadevision export`: .onnx, run by onnxruntime with
+    `threads` threads, or a torch.export program) gives the predictions; the outputs are written the same way.
+    `compile`: the PyTorch model's dense parts run through `torch.compile` (`export.compile.compile_model`).
     """
     precision = amp_dtype(dtype, resolve_device(device), "--dtype")
     out_dir = ensure_writable_dir(out_dir, "prediction output directory")
     files = collect_images(inputs)
-    model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
-    cat_ids = list(meta.get("cat_ids") or range(1, model.cfg.num_classes + 1))
+    if onnx:
+        model = load_exported(onnx, threads=threads)
+        meta, context = {"cat_ids": model.cat_ids}, type(model).deferred_mask_pasting
+    else:
+        model, meta = load_model(checkpoint, overrides, device, weights=weights, progress=progress)
+        context = functools.partial(_inference_context, dtype=precision)
+        if compile:
+            compile_model(model)
+    cat_ids = list(meta.get("cat_ids") or range(1, len(model.class_names) + 1))
     results = []
 
     def write(image_id: int, path: Path, name: str, image: torch.Tensor, pred: dict) -> dict:
@@ -377,8 +401,7 @@ def run_prediction(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
         return {"file_name": str(path), "overlay": name, "detections": int((pred["scores"] >= score_thr).sum())}
 
     try:  # memory O(H x W) on big photos: masks are pasted one chunk at a time
-        return predict_images(model, files, unique_output_names(files), write, progress=progress,
-                              context=functools.partial(_inference_context, dtype=precision))
+        return predict_images(model, files, unique_output_names(files), write, progress=progress, context=context)
     finally:
         atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results).encode()))
 
