@@ -199,6 +199,9 @@ def _detection_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="", metavar="FILE_OR_URL",
                    help="run the preset named first with these weights (an MMDetection v2/v3 .pth or one of "
                         "ours; a URL is downloaded once into ~/.cache/cascadevision); same as --set model.weights=")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: flip (and the scales of model.tta.scales), boxes merged by NMS, "
+                        "masks averaged; same as --set model.tta.enabled=true")
     _add_early_exit(p)
 
 
@@ -215,6 +218,8 @@ def model_overrides(args) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         model.setdefault("roi_head", {}).setdefault("early_exit", {}).update(options)
+    if getattr(args, "tta", False):
+        model.setdefault("tta", {})["enabled"] = True
     return model
 
 
