@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from cascadevision.cli import build_parser
+from cascadevision.commands import model_overrides
 from cascadevision.config import InputConfig, ModelConfig, update
 from cascadevision.models import build_model
 from cascadevision.models.transform import DetectionTransform
@@ -168,3 +170,12 @@ def test_tta_config_and_training_mode():
     assert wrapped.cfg is cfg
     with pytest.raises(RuntimeError, match="for inference"):
         wrapped.train()([torch.zeros(3, 8, 8)])
+
+
+def test_the_tta_flag_sets_model_tta_enabled():
+    parser = build_parser()
+    args = parser.parse_args(["eval", "ckpt.pth", "--ann", "a.json", "--images", "imgs", "--tta",
+                              "--set", "model.tta.scales=[[1333, 800]]"])
+    assert model_overrides(args) == {"tta": {"scales": [[1333, 800]], "enabled": True}}
+    args = parser.parse_args(["predict", "ckpt.pth", "img.png", "--out", "o"])
+    assert "tta" not in model_overrides(args)
