@@ -213,6 +213,9 @@ def _detection_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="run the model under autocast in this precision (bf16: CPU or CUDA, fp16: CUDA); the box, "
                         "NMS, RoIAlign and mask ops stay float32 (default %(default)s)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: flip (and the scales of model.tta.scales), boxes merged by NMS, "
+                        "masks averaged; same as --set model.tta.enabled=true")
     _add_early_exit(p)
 
 
@@ -234,6 +237,8 @@ def model_overrides(args) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     if options:
         model.setdefault("roi_head", {}).setdefault("early_exit", {}).update(options)
+    if getattr(args, "tta", False):
+        model.setdefault("tta", {})["enabled"] = True
     return model
 
 

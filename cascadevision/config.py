@@ -190,6 +190,15 @@ class RoIHeadConfig:
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation for eval and predict (`--tta`; see models.tta.TTADetector): boxes of every
+    augmentation merged by per-class NMS at roi_head.test.nms_iou, masks averaged in image space."""
+    enabled: bool = False
+    scales: tuple[tuple[int, int], ...] = ()  # (long, short) keep-ratio test scales; (): input.scale only
+    flip: bool = True  # also run each scale on the mirrored image
+
+
+@dataclass
 class ModelConfig:
     preset: str = ""
     num_classes: int = 80
@@ -199,7 +208,26 @@ class ModelConfig:
     neck: NeckConfig = field(default_factory=NeckConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
     weights: str = ""  # initial weights: "" (none), a checkpoint path/URL, or "imagenet:PATH" for backbone only
+
+
+@dataclass
+class LSJConfig:
+    """Large-scale jitter (training only): resize to fit a square of side output_size * r, r drawn from
+    scale_range, then a random output_size square crop (see data.transforms.LargeScaleJitter)."""
+    output_size: int = 0  # > 0 turns it on (e.g. 1024); 0: off
+    scale_range: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass
+class PhotometricConfig:
+    """MMDetection's PhotoMetricDistortion (training only): each step with probability 1/2."""
+    enabled: bool = False
+    brightness_delta: float = 32.0  # on the 0-255 scale
+    contrast_range: tuple[float, float] = (0.5, 1.5)
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    hue_delta: float = 18.0  # degrees
 
 
 @dataclass
@@ -212,6 +240,11 @@ class DataConfig:
     batch_size: int = 2  # images per process
     num_workers: int = 2
     flip_prob: float = 0.5
+    # multi-scale training: each entry (long, short) or a short side; () trains at model.input.scale
+    train_scales: tuple[tuple[int, ...], ...] = ()
+    scale_mode: str = "choice"  # "choice": one of train_scales; "range": sides drawn between the two entries
+    lsj: LSJConfig = field(default_factory=LSJConfig)
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
     filter_empty: bool = True  # drop training images without usable annotations
     min_size: int = 0  # drop training images whose shorter side is below this
     check_images: bool = True  # at train start: every image exists, opens and has the size the JSON says
@@ -543,7 +576,12 @@ _RULES: dict[type, dict[str, tuple]] = {
     ModelConfig: {"num_classes": _COUNT},
     ServeConfig: {"port": _within(0, 65535), "max_batch": _SIZE, "max_wait_ms": _SIZE, "max_upload_bytes": _COUNT,
                   "max_pixels": _COUNT, "score_thr": _PROBABILITY},
-    DataConfig: {"batch_size": _COUNT, "num_workers": _SIZE, "flip_prob": _PROBABILITY, "min_size": _SIZE},
+    TTAConfig: {"scales": _COUNT},
+    DataConfig: {"batch_size": _COUNT, "num_workers": _SIZE, "flip_prob": _PROBABILITY, "min_size": _SIZE,
+                 "train_scales": _COUNT, "scale_mode": _one_of("choice", "range")},
+    LSJConfig: {"output_size": _SIZE, "scale_range": _above(0)},
+    PhotometricConfig: {"brightness_delta": _SIZE, "contrast_range": _SIZE, "saturation_range": _SIZE,
+                        "hue_delta": _within(0, 180)},
     TrainConfig: {"epochs": _SIZE, "max_iters": _SIZE, "optimizer": _one_of("sgd", "adamw"), "lr": _above(0),
                   "momentum": _PROBABILITY, "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
                   "weight_decay": _SIZE, "warmup_iters": _SIZE, "warmup_ratio": _PROBABILITY,
@@ -608,8 +646,28 @@ def _check_train(cfg: TrainConfig, prefix: str) -> None:
                               f"({cfg.accumulate})")
 
 
+def _check_data(cfg: DataConfig, prefix: str) -> None:
+    scales = cfg.train_scales
+    if any(len(scale) not in (1, 2) for scale in scales):
+        raise ConfigError(f"{prefix}train_scales: each entry is [long, short] or a short side, got "
+                          f"{[list(s) for s in scales]}")
+    if cfg.scale_mode == "range" and (len(scales) != 2 or len(scales[0]) != len(scales[1])):
+        raise ConfigError(f"{prefix}scale_mode range needs two {prefix}train_scales of one kind (two [long, short] "
+                          f"or two short sides) to draw between, got {[list(s) for s in scales]}")
+    if cfg.lsj.output_size > 0 and scales:
+        raise ConfigError(f"{prefix}lsj and {prefix}train_scales both resize the training images; give one of them")
+    low, high = cfg.lsj.scale_range
+    if low > high:
+        raise ConfigError(f"{prefix}lsj.scale_range must be [low, high] with low <= high, got {[low, high]}")
+    for name in ("contrast_range", "saturation_range"):
+        low, high = getattr(cfg.photometric, name)
+        if low > high:
+            raise ConfigError(f"{prefix}photometric.{name} must be [low, high] with low <= high, got {[low, high]}")
+
+
 _CHECKS = {BackboneConfig: _check_backbone, RPNConfig: _check_rpn, RoIHeadConfig: _check_roi_head,
-           ModelConfig: _check_model, TrainConfig: _check_train}
+           ModelConfig: _check_model, TrainConfig: _check_train,
+           DataConfig: _check_data}
 
 
 def _values(value: Any) -> list:

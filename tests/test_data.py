@@ -410,7 +410,7 @@ def test_resize_keeps_ratio_and_scales_everything():
     assert out["semantic"].shape == (16, 20) and out["semantic"][5, 3] == 3
     # a fractional factor: masks and semantic stay label-valued (nearest), never blended
     _, out = Resize(scale=(15, 12))(image, target)  # factor 1.5 -> 15 wide, 12 high
-    rows, cols = torch.arange(12) * H // 12, torch.arange(15) * W // 15  # nearest source pixel
+    rows, cols = (2 * torch.arange(12) + 1) * H // 24, (2 * torch.arange(15) + 1) * W // 30  # under each centre
     assert torch.equal(out["masks"][0], target["masks"][0][rows][:, cols])
     assert torch.equal(out["semantic"], target["semantic"][rows][:, cols])
     assert out["boxes"].tolist() == [[1.5, 3.0, 6.0, 7.5]]

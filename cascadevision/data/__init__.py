@@ -5,17 +5,21 @@ from .coco import CocoDataset
 from .image import load_image
 from .sampler import AspectRatioBatchSampler
 from .synth import generate_synthetic
-from .transforms import Compose, RandomHorizontalFlip, RandomResize, Resize, collate
+from .transforms import (Compose, LargeScaleJitter, PhotoMetricDistortion, RandomHorizontalFlip, RandomResize, Resize,
+                         collate, train_transforms)
 
 __all__ = [
     "AspectRatioBatchSampler",
     "ClassMapping",
     "CocoDataset",
     "Compose",
+    "LargeScaleJitter",
+    "PhotoMetricDistortion",
     "RandomHorizontalFlip",
     "RandomResize",
     "Resize",
     "collate",
+    "train_transforms",
     "check_dataset",
     "format_problems",
     "generate_synthetic",

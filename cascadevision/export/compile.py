@@ -18,6 +18,9 @@ __all__ = ["compile_model", "compiled_parts"]
 
 def compiled_parts(model: nn.Module) -> list[nn.Module]:
     """The submodules `compile_model` compiles: a detector's dense parts, or the model itself."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(inner, "backbone"):  # a wrapper (TTADetector): the detector's parts
+        return compiled_parts(inner)
     head = getattr(model, "roi_head", None)
     if head is None or not hasattr(model, "backbone"):
         return [model]

@@ -32,13 +32,16 @@ class DetectionTransform(nn.Module):
         """Returns (batch (B,3,Hp,Wp), image_sizes [(h,w)] after resizing, scale_factors [(sx,sy)], targets).
 
         Target boxes are scaled to the resized image; masks stay at their resolution (the mask targets map
-        boxes back with the scale factor instead of resizing every mask).
+        boxes back with the scale factor instead of resizing every mask). An image whose target has
+        `keep_size` set (training with `data.train_scales` or `data.lsj`: the data pipeline chose its scale)
+        keeps its size.
         """
         _check_images(images)
+        keep = [bool(t.get("keep_size", False)) for t in targets] if targets is not None else [False] * len(images)
         resized, sizes, factors = [], [], []
-        for img in images:
+        for img, keep_size in zip(images, keep):
             h, w = img.shape[-2:]
-            new_h, new_w, _ = rescale_size(h, w, self.scale)
+            new_h, new_w = (h, w) if keep_size else rescale_size(h, w, self.scale)[:2]
             if (new_h, new_w) != (h, w):
                 img = F.interpolate(img[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
             resized.append((img - self.mean.to(img.dtype)) / self.std.to(img.dtype))

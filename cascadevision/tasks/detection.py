@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import PREDICT_SCORE_THR, Config, EarlyExitConfig, ModelConfig, update
-from ..data import CocoDataset, RandomHorizontalFlip, check_dataset, match_classes
+from ..data import CocoDataset, check_dataset, match_classes
+from ..data.transforms import train_transforms
 from ..data.coco_classes import COCO_CLASSES, COCO_IDS
 from ..engine import evaluate
 from ..engine.amp import amp_dtype, autocast
@@ -34,6 +35,7 @@ from ..io.images import IMAGE_SUFFIXES, collect_images, unique_output_names
 from ..io.weights import detect_format, load_state, weights_classes
 from ..early_exit.detection import COUNTING, build_from_config, exit_policy_for_head  # the detector with its early-exit hook
 from ..models.presets import COCO_PRESETS
+from ..models.tta import TTADetector
 from ..outputs import ensure_writable_dir
 from ..presets import DETECTION_PRESETS, preset_config, preset_names
 from ..visualize import draw_predictions
@@ -51,7 +53,7 @@ def train_datasets(cfg: Config):
     if not data.train_ann or not data.train_images:
         raise ConfigError("training needs data.train_ann and data.train_images (--train-ann, --train-images)")
     semantic = cfg.model.roi_head.htc.with_semantic
-    train = CocoDataset(data.train_ann, data.train_images, train=True, transforms=RandomHorizontalFlip(data.flip_prob),
+    train = CocoDataset(data.train_ann, data.train_images, train=True, transforms=train_transforms(data),
                         semantic_dir=data.train_semantic or None,
                         derive_semantic=semantic and not data.train_semantic,
                         filter_empty=data.filter_empty, min_size=data.min_size)
@@ -291,8 +293,12 @@ def load_model(source: str | Path, overrides: dict | None = None, device: str = 
         raise ConfigError(f"--weights {weights} and --set model.weights={set_weights} disagree; give one of them")
     weights = str(weights or set_weights)
     if model_source(source, bool(weights)) == "checkpoint":
-        return DETECTION.model_from_checkpoint(source, overrides or None, device)
-    return model_from_weights(source, weights, overrides or None, device, progress=progress)
+        model, meta = DETECTION.model_from_checkpoint(source, overrides or None, device)
+    else:
+        model, meta = model_from_weights(source, weights, overrides or None, device, progress=progress)
+    if model.cfg.tta.enabled:  # model.tta / --tta: the detector wrapped, same interface
+        model = TTADetector.from_config(model).eval()
+    return model, meta
 
 
 def checkpoint_classes(model, meta: dict) -> tuple[list[str], list[int]]:
