@@ -148,11 +148,23 @@ def _command(argv: list[str]) -> str:
     return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
+def _exported_file_first(argv: list[str]) -> list[str]:
+    """`predict --onnx FILE INPUTS...`: FILE also takes the checkpoint's place, so INPUTS parse as after one."""
+    if argv[:1] != ["predict"]:
+        return argv
+    for i, arg in enumerate(argv):
+        if arg == "--onnx" and i + 1 < len(argv):
+            return ["predict", argv[i + 1], *argv[1:]]
+        if arg.startswith("--onnx="):
+            return ["predict", arg.partition("=")[2], *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     # an old config key a person wrote (YAML, --set) is read, and said so: Python hides library deprecations
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"cascadevision\.config")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command(argv)).parse_args(argv)
+    args = build_parser(_command(argv)).parse_args(_exported_file_first(argv))
     try:
         return _run(args)
     except CascadeVisionError as exc:

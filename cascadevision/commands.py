@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import PREDICT_SCORE_THR, REGION_POLICIES, SERVE_AUTO_BATCH, ServeConfig, parse_overrides, to_dict, update
+from .config import (EXPORTED_SUFFIXES, PREDICT_SCORE_THR, REGION_POLICIES, SERVE_AUTO_BATCH, ServeConfig,
+                     parse_overrides, to_dict, update)
 from .errors import ConfigError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
@@ -107,7 +108,7 @@ class TaskCommands:
     def add_predict(self, sub) -> argparse.ArgumentParser:
         p = sub.add_parser("predict", help=self.predict_help, formatter_class=HelpFormatter)
         p.add_argument("checkpoint", help=self.checkpoint_help)
-        p.add_argument("inputs", nargs="*", help="image files or directories")
+        p.add_argument("inputs", nargs="+", help="image files or directories")
         p.add_argument("--out", required=True, help="directory for the overlay PNGs and results.json")
         self.predict_options(p)
         self._device_and_model_options(p)
@@ -298,14 +299,12 @@ def format_plan(plan: dict, metrics: dict) -> str:
 
 
 def _detection_predict(jobs, args) -> int:
+    if not args.onnx and Path(args.checkpoint).suffix.lower() in EXPORTED_SUFFIXES:
+        args.onnx = args.checkpoint  # `predict FILE.onnx IMAGES`, as `serve FILE.onnx`
     if args.onnx and (args.weights or args.overrides or args.compile or args.dtype != "fp32"):
         raise ConfigError("predict --onnx runs the exported file as it is: --weights, --set, --compile and --dtype go "
                           "with a checkpoint or preset")
-    # with --onnx the first positional argument is an input too (there is no checkpoint)
-    inputs = [args.checkpoint, *args.inputs] if args.onnx else args.inputs
-    if not inputs:
-        raise ConfigError("predict: give the image files or directories to predict after the checkpoint")
-    summary = jobs.run_prediction(args.checkpoint, inputs, args.out, score_thr=args.score_thr,
+    summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, score_thr=args.score_thr,
                                   onnx=args.onnx, threads=args.threads, compile=args.compile,
                                   weights=args.weights, dtype=args.dtype,
                                   overrides=model_overrides(args), device=args.device, progress=not args.no_progress)
@@ -321,7 +320,8 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     _score_thr(p)
     p.add_argument("--onnx", default="", metavar="FILE",
                    help="predict with an exported model instead (`cascadevision export`: .onnx through "
-                        "onnxruntime on the CPU, or a torch.export .pt2); then every positional argument is an input")
+                        "onnxruntime on the CPU, or a torch.export .pt2); then every positional argument is an input. "
+                        "Same as giving the .onnx/.pt2 file in the checkpoint's place")
     p.add_argument("--threads", type=int, default=None, help="--onnx: onnxruntime's threads (default: its own)")
     _compile_flag(p)
 
@@ -386,8 +386,6 @@ def _segmentation_eval(jobs, args) -> int:
 
 
 def _segmentation_predict(jobs, args) -> int:
-    if not args.inputs:
-        raise ConfigError("predict: give the image files or directories to predict after the checkpoint")
     summary = jobs.run_prediction(args.checkpoint, args.inputs, args.out, device=args.device,
                                   progress=not args.no_progress, alpha=args.alpha)
     out = Path(args.out)

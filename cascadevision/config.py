@@ -87,6 +87,7 @@ REGION_POLICIES = ("none", *THRESHOLD_POLICIES)
 
 EXIT_THRESHOLD = 0.9  # the default confidence to leave at, for RoIs and for a classifier's exits alike
 PREDICT_SCORE_THR = 0.3  # `predict` draws (and counts) the detections scoring at least this
+EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files `cascadevision export` writes; predict and serve run them
 
 
 @dataclass

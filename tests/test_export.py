@@ -148,8 +148,12 @@ def test_cli_predict_onnx_writes_what_the_checkpoint_writes(htc_export, tmp_path
                  "--no-progress"]) == 0
     assert main(["predict", str(checkpoint), str(folder), "--out", str(tmp_path / "torch"), "--device", "cpu",
                  "--no-progress"]) == 0
+    # the exported file in the checkpoint's place, the flags after the inputs: the same run
+    assert main(["predict", str(path), str(folder), "--threads", "1", "--out", str(tmp_path / "onnx2"),
+                 "--no-progress"]) == 0
     got = json.loads((tmp_path / "onnx/results.json").read_text())
     want = json.loads((tmp_path / "torch/results.json").read_text())
+    assert json.loads((tmp_path / "onnx2/results.json").read_text()) == got
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert g["file_name"] == w["file_name"] and g["category_id"] == w["category_id"] in (11, 12, 13)
@@ -159,6 +163,43 @@ def test_cli_predict_onnx_writes_what_the_checkpoint_writes(htc_export, tmp_path
             mask_utils.area(g["segmentation"]) == mask_utils.area(w["segmentation"]) == 0)
     assert sorted(p.name for p in (tmp_path / "onnx").glob("*.png")) == \
         sorted(p.name for p in (tmp_path / "torch").glob("*.png")) == ["im0.png", "im1.png", "im2.png"]
+
+
+def test_serve_answers_from_the_onnx_file_as_the_checkpoint(htc_export, one_thread):
+    """`cascadevision serve FILE.onnx`: the same app on the real exported file (onnxruntime), its answers against
+    the server's answers for the checkpoint it was exported from."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import asyncio
+    import io
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from cascadevision.serve import create_app, load_predictor
+
+    _, checkpoint, path = htc_export
+    buffer = io.BytesIO()
+    Image.fromarray((images()[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+
+    async def ask(source):
+        app = create_app(load_predictor(source, device="cpu"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            health = (await client.get("/healthz")).json()
+            answer = await client.post("/predict", params={"score_thr": 0.02},
+                                       files={"image": ("a.png", buffer.getvalue())})
+            return health, answer.json()
+
+    health, got = asyncio.run(ask(path))
+    _, want = asyncio.run(ask(checkpoint))
+    assert [c["id"] for c in health["classes"]] == [11, 12, 13]
+    assert len(got["detections"]) == len(want["detections"]) > 0
+    for g, w in zip(got["detections"], want["detections"]):
+        assert g["category_id"] == w["category_id"] and g["category_name"] == w["category_name"]
+        assert np.abs(np.array(g["bbox"]) - np.array(w["bbox"])).max() <= 1e-3
+        assert abs(g["score"] - w["score"]) <= 1e-4
+        rle = [{**r["segmentation"], "counts": r["segmentation"]["counts"].encode()} for r in (g, w)]
+        assert mask_utils.iou(rle[:1], rle[1:], [0])[0, 0] > 0.99 or mask_utils.area(rle).sum() == 0
 
 
 def test_preprocess_is_the_model_transform():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import EXPORTED_SUFFIXES
 from ..engine.evaluator import deferred_mask_pasting
 from ..engine.trainer import resolve_device
 from ..errors import CheckpointError
 from ..tasks.detection import checkpoint_classes, load_model
 
-EXPORTED_SUFFIXES = (".onnx", ".pt2")  # files `cascadevision export` writes: run by cascadevision.export.runtime
 
 
 @dataclass
