@@ -78,8 +78,11 @@ def test_reference_schedule_files_equal_their_presets(name):
 
 def test_recipes_are_package_data():
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    shipped = {p.name for pattern in patterns["cascadevision"] for p in (REPO / "cascadevision").glob(pattern)}
-    assert shipped == {f"{name}.yaml" for name in recipe_names()} and "demo_htc_r18.yaml" in shipped
+    shipped = {p.relative_to(REPO / "cascadevision").as_posix()
+               for pattern in patterns["cascadevision"] for p in (REPO / "cascadevision").glob(pattern)}
+    recipes = {name for name in shipped if name.startswith("configs/")}
+    assert recipes == {f"configs/{name}.yaml" for name in recipe_names()} and "configs/demo_htc_r18.yaml" in recipes
+    assert shipped - recipes == {"serve/index.html"}  # and the server's page
 
 
 def test_config_command_prints_the_resolved_config_that_train_reads_back(tmp_path, capsys):
