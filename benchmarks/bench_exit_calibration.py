@@ -1,7 +1,7 @@
 """Calibrated region-level early exit, planned on one split and realised on another, with the whole detector's
 wall time: one command, one table.
 
-    python benchmarks/bench_exit_calibration.py /work/assets/demo_n0/htc_r18_fpn/checkpoints/final.pth \
+    python benchmarks/bench_exit_calibration.py demo_out/htc_r18_fpn/checkpoints/final.pth \
         --val-ann demo_out/data/annotations/instances_val.json --val-images demo_out/data/images/val \
         --test-ann test_seed1/annotations/instances_val.json --test-images test_seed1/images/val
 

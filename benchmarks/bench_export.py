@@ -35,7 +35,7 @@ from cascadevision.export.runtime import load_exported  # noqa: E402
 from cascadevision.models import build_model  # noqa: E402
 from cascadevision.tasks.detection import DETECTION  # noqa: E402
 
-DEMO = Path("/work/assets/demo_n0/htc_r18_fpn/checkpoints/final.pth")
+DEMO = Path("demo_out/htc_r18_fpn/checkpoints/final.pth")
 FAMILIES = ["faster_rcnn_r18_fpn", "mask_rcnn_r18_fpn", "cascade_rcnn_r18_fpn", "cascade_mask_rcnn_r18_fpn",
             "htc_without_semantic_r18_fpn", "htc_r18_fpn", "mask_rcnn_efficientvit_m4_fpn", "demo", "htc_r50_fpn_1x"]
 BIG = (800, 1216)  # the image size the issue measures HTC R50 at

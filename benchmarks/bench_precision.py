@@ -29,7 +29,7 @@ from cascadevision.models import build_model  # noqa: E402
 from gpu_check import training_targets  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-DEMO = Path("/work/assets/demo_n0")
+DEMO = Path("demo_out")
 
 
 def time_preset(preset: str, height: int, width: int, repeats: int) -> dict:

@@ -30,8 +30,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # --direct imports this checkout's cascadevision
-DEMO = "/work/assets/demo_n0/htc_r18_fpn/checkpoints/final.pth"
-DEMO_IMAGES = "/work/assets/demo_n0/data/images/val"
+DEMO = "demo_out/htc_r18_fpn/checkpoints/final.pth"
+DEMO_IMAGES = "demo_out/data/images/val"
 
 
 def start_server(checkpoint: str, threads: int, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
