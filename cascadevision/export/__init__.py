@@ -159,7 +159,12 @@ def padded_size_ranges(program: torch.export.ExportedProgram) -> dict:
 
 def onnx_bytes(program: torch.export.ExportedProgram, args: tuple, meta: dict) -> bytes:
     """The ONNX model of an exported detection graph, with `meta` as metadata_props (JSON values)."""
-    import onnx  # lazy: only needed to write ONNX files
+    try:  # lazy: only needed to write ONNX files
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter and our RoiAlign/NMS translations)
+    except ImportError as exc:
+        raise ConfigError(f"export --format onnx needs the onnx and onnxscript packages ({exc}); "
+                          "pip install 'cascadevision[export]'") from None
 
     from .ops import ONNX_TRANSLATIONS, OPSET
 

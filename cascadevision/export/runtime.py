@@ -83,7 +83,11 @@ def _check_meta(path, meta: dict) -> dict:
 
 
 def _load_onnx(path: Path, threads: int | None) -> ExportedDetector:
-    import onnxruntime as ort  # lazy: the optional runtime
+    try:
+        import onnxruntime as ort  # lazy: the optional runtime
+    except ImportError:
+        raise CheckpointError(f"{path}: running an ONNX file needs onnxruntime; pip install "
+                              "'cascadevision[export]'") from None
 
     options = ort.SessionOptions()
     if threads:
