@@ -161,7 +161,7 @@ def run(args) -> int:
     if command == "calibrate-detector":
         return _calibrate_detector(args)
     if command == "export":
-        from ..tasks.exits import EXITS  # function-local: the export machinery loads for this command only
+        from ..tasks.exits import EXITS  # lazy: the export machinery loads for this command only
 
         meta = EXITS.export(run_checkpoint(args.checkpoint), args.out, args.format)
         print(f"wrote {args.out} ({args.format}; outputs {', '.join(meta['outputs'])})")

@@ -16,6 +16,10 @@ the scale factor to go back), `scores` (N,), `labels` (N,) int64 0-based and, fo
 `preprocess(image, contract)` is the reference for the inputs, `runtime.load_exported` runs a file like the
 PyTorch model, and `export_model` writes one. Metadata (classes, category ids, the contract, preset, version)
 is stored in the ONNX file's metadata_props, and next to an ExportedProgram as FILE.json.
+
+The dense models (segmentation, EfficientViT / HAT-Net classifiers, multi-exit classifiers: dynamic batch) are
+in `export.dense` and run with `runtime.load_dense`; every task writes through `write_export` (torch.export.save
++ FILE.json, or the ONNX conversion `onnx_bytes` with the metadata) and starts from `base_metadata`.
 """
 from __future__ import annotations
 

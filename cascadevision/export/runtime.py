@@ -88,7 +88,10 @@ def _check_meta(path, meta: dict, tasks: tuple[str, ...] = ("detection",)) -> di
         if meta.get("format") == META_FORMAT and meta.get("task") in DENSE_TASKS:
             raise CheckpointError(f"{path}: a {meta['task']} model, not a detector: run it with "
                                   "cascadevision.export.runtime.load_dense")
-        raise CheckpointError(f"{path}: not a {' or '.join(tasks)} model exported by cascadevision (format "
+        if meta.get("format") == META_FORMAT and meta.get("task") == "detection":
+            raise CheckpointError(f"{path}: a detector: run it with cascadevision.export.runtime.load_exported")
+        kind = "detector" if tasks == ("detection",) else "dense model (segmentation, classifier)"
+        raise CheckpointError(f"{path}: not a {kind} exported by `cascadevision export` (format "
                               f"{meta.get('format')!r}, task {meta.get('task')!r})")
     return meta
 
