@@ -13,7 +13,9 @@
 (dense) the dense models (`export.dense`): a segmentation preset at its input size, EfficientViT classifiers at
     224x224 (1000 classes): the export time (torch.export + ONNX conversion), the .onnx size, the max |ORT - eager|
     over the output logits on batches of 1 and 4 (and the same for the loaded ExportedProgram), and eager vs
-    onnxruntime latency for a batch of 1 and of 8, 2 threads. Randomly initialised (seed 0).
+    onnxruntime latency for a batch of 1 and of 8, 2 threads. Randomly initialised (seed 0), norm layers'
+    affines and statistics drawn away from their init (zero-init BatchNorms would make the logits ~0 and the
+    agreement meaningless); `max abs logit` gives the scale of the differences.
 (b) compile: eager vs `--compile` (export.compile.compile_model, inductor, dynamic shapes) latency, the first
     compiled call's time (compilation included), and one training step (forward + backward), eager vs compiled.
 
@@ -132,6 +134,18 @@ def export_table(families: list[str], repeats: int, folder: Path) -> None:
 DENSE = ["cascade_r18", "efficientvit_m0", "efficientvit_m4"]
 
 
+def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.rand(m.bias.shape, generator=g) - 0.5
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
+                m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
+    return model.eval()
+
+
 def dense_table(names: list[str], repeats: int, folder: Path) -> None:
     from cascadevision.export.dense import SegmentationGraph, export_classifier, export_segmenter
     from cascadevision.export.runtime import load_dense
@@ -140,21 +154,21 @@ def dense_table(names: list[str], repeats: int, folder: Path) -> None:
     from cascadevision.segmentation.presets import seg_preset_config
 
     print(f"\n### dense models ({load_avg()}, torch {torch.__version__}, 2 threads for latency)\n")
-    print("| model | input | export s (onnx) | export s (.pt2) | .onnx MB | max abs diff ORT | max abs diff .pt2 | "
-          "eager ms b1 | ORT ms b1 | eager ms b8 | ORT ms b8 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | input | export s (onnx) | export s (.pt2) | .onnx MB | max abs logit | max abs diff ORT | "
+          "max abs diff .pt2 | eager ms b1 | ORT ms b1 | eager ms b8 | ORT ms b8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         torch.set_num_threads(2)
         torch.manual_seed(0)
         if name.startswith("efficientvit_"):
-            model = build_efficientvit(name).eval()
+            model = randomise_norms(build_efficientvit(name))
             size = (224, 224)
             module = model
 
             def export(path, fmt, model=model):
                 return export_classifier(model, path, fmt, input_size=224, preset=name)
         else:
-            model = build_segmenter(seg_preset_config(name)).eval()
+            model = randomise_norms(build_segmenter(seg_preset_config(name)))
             size = tuple(model.input_cfg.size)
             module = SegmentationGraph(model).eval()
 
@@ -169,17 +183,18 @@ def dense_table(names: list[str], repeats: int, folder: Path) -> None:
         pt2_model = load_dense(folder / f"{name}.pt2")
         g = torch.Generator().manual_seed(1)
         batches = {n: torch.randn(n, 3, *size, generator=g) for n in (1, 4, 8)}
-        diff_ort = diff_pt2 = 0.0
+        diff_ort = diff_pt2 = scale = 0.0
         with torch.inference_mode():
             for n in (1, 4):
                 want = module(batches[n])
+                scale = max(scale, want.abs().max().item())
                 diff_ort = max(diff_ort, (ort_model(batches[n])["logits"] - want).abs().max().item())
                 diff_pt2 = max(diff_pt2, (pt2_model(batches[n])["logits"] - want).abs().max().item())
             lat = {(kind, n): median_time(lambda: fn(batches[n]), repeats) * 1000
                    for kind, fn in (("eager", module), ("ort", ort_model)) for n in (1, 8)}
         mb = (folder / f"{name}.onnx").stat().st_size / 2**20
         print(f"| {name} | {size[0]}x{size[1]} | {times['onnx']:.1f} | {times['exported-program']:.1f} | {mb:.1f} | "
-              f"{diff_ort:.1e} | {diff_pt2:.1e} | {lat['eager', 1]:.1f} | {lat['ort', 1]:.1f} | "
+              f"{scale:.2f} | {diff_ort:.1e} | {diff_pt2:.1e} | {lat['eager', 1]:.1f} | {lat['ort', 1]:.1f} | "
               f"{lat['eager', 8]:.1f} | {lat['ort', 8]:.1f} |", flush=True)
 
 
