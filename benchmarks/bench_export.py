@@ -3,12 +3,19 @@
     python benchmarks/bench_export.py                      # both tables
     python benchmarks/bench_export.py --tables export --families htc_r18_fpn --repeats 3
     python benchmarks/bench_export.py --tables compile
+    python benchmarks/bench_export.py --tables dense --dense cascade_r18,efficientvit_m0,efficientvit_m4
 
 (a) export: per family, the time of torch.export and of the ONNX conversion, the ONNX file size, the agreement
     of onnxruntime with eager PyTorch on synthetic images (same count; max box and score difference; min mask
     IoU) and the latency of onnxruntime (CPU provider) vs eager PyTorch on the same image, both with 2 threads.
     Families are randomly initialised (seed 0) at their preset's input scale, except `demo` (the trained
     demo checkpoint, htc_r18_fpn) and htc_r50_fpn_1x, which runs on an 800x1216 image.
+(dense) the dense models (`export.dense`): a segmentation preset at its input size, EfficientViT classifiers at
+    224x224 (1000 classes): the export time (torch.export + ONNX conversion), the .onnx size, the max |ORT - eager|
+    over the output logits on batches of 1 and 4 (and the same for the loaded ExportedProgram), and eager vs
+    onnxruntime latency for a batch of 1 and of 8, 2 threads. Randomly initialised (seed 0), norm layers'
+    affines and statistics drawn away from their init (zero-init BatchNorms would make the logits ~0 and the
+    agreement meaningless); `max abs logit` gives the scale of the differences.
 (b) compile: eager vs `--compile` (export.compile.compile_model, inductor, dynamic shapes) latency, the first
     compiled call's time (compilation included), and one training step (forward + backward), eager vs compiled.
 
@@ -124,6 +131,73 @@ def export_table(families: list[str], repeats: int, folder: Path) -> None:
               f"{same} | {box:.2e} | {score:.2e} | {iou:.4f} | {eager_ms:.0f} | {ort_ms:.0f} |", flush=True)
 
 
+DENSE = ["cascade_r18", "efficientvit_m0", "efficientvit_m4"]
+
+
+def randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) + 0.5
+            m.bias.data = torch.rand(m.bias.shape, generator=g) - 0.5
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean = torch.randn(m.running_mean.shape, generator=g) * 0.1
+                m.running_var = torch.rand(m.running_var.shape, generator=g) + 0.5
+    return model.eval()
+
+
+def dense_table(names: list[str], repeats: int, folder: Path) -> None:
+    from cascadevision.export.dense import SegmentationGraph, export_classifier, export_segmenter
+    from cascadevision.export.runtime import load_dense
+    from cascadevision.models.efficientvit import build_efficientvit
+    from cascadevision.segmentation.model import build_segmenter
+    from cascadevision.segmentation.presets import seg_preset_config
+
+    print(f"\n### dense models ({load_avg()}, torch {torch.__version__}, 2 threads for latency)\n")
+    print("| model | input | export s (onnx) | export s (.pt2) | .onnx MB | max abs logit | max abs diff ORT | "
+          "max abs diff .pt2 | eager ms b1 | ORT ms b1 | eager ms b8 | ORT ms b8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        if name.startswith("efficientvit_"):
+            model = randomise_norms(build_efficientvit(name))
+            size = (224, 224)
+            module = model
+
+            def export(path, fmt, model=model):
+                return export_classifier(model, path, fmt, input_size=224, preset=name)
+        else:
+            model = randomise_norms(build_segmenter(seg_preset_config(name)))
+            size = tuple(model.input_cfg.size)
+            module = SegmentationGraph(model).eval()
+
+            def export(path, fmt, model=model):
+                return export_segmenter(model, path, fmt, preset=name)
+        times = {}
+        for fmt, suffix in (("onnx", ".onnx"), ("exported-program", ".pt2")):
+            start = time.perf_counter()
+            export(folder / f"{name}{suffix}", fmt)
+            times[fmt] = time.perf_counter() - start
+        ort_model = load_dense(folder / f"{name}.onnx", threads=2)
+        pt2_model = load_dense(folder / f"{name}.pt2")
+        g = torch.Generator().manual_seed(1)
+        batches = {n: torch.randn(n, 3, *size, generator=g) for n in (1, 4, 8)}
+        diff_ort = diff_pt2 = scale = 0.0
+        with torch.inference_mode():
+            for n in (1, 4):
+                want = module(batches[n])
+                scale = max(scale, want.abs().max().item())
+                diff_ort = max(diff_ort, (ort_model(batches[n])["logits"] - want).abs().max().item())
+                diff_pt2 = max(diff_pt2, (pt2_model(batches[n])["logits"] - want).abs().max().item())
+            lat = {(kind, n): median_time(lambda: fn(batches[n]), repeats) * 1000
+                   for kind, fn in (("eager", module), ("ort", ort_model)) for n in (1, 8)}
+        mb = (folder / f"{name}.onnx").stat().st_size / 2**20
+        print(f"| {name} | {size[0]}x{size[1]} | {times['onnx']:.1f} | {times['exported-program']:.1f} | {mb:.1f} | "
+              f"{scale:.2f} | {diff_ort:.1e} | {diff_pt2:.1e} | {lat['eager', 1]:.1f} | {lat['ort', 1]:.1f} | "
+              f"{lat['eager', 8]:.1f} | {lat['ort', 8]:.1f} |", flush=True)
+
+
 def compile_table(repeats: int) -> None:
     print(f"\n### compile ({load_avg()}, inductor, dynamic=True, 2 threads)\n")
     print("| model | image | eager ms | first compiled call s | compiled ms | speed-up |")
@@ -175,12 +249,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", default="export,compile")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--dense", default=",".join(DENSE), help="the dense models of --tables dense")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     tables = args.tables.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "export" in tables:
             export_table(args.families.split(","), args.repeats, Path(tmp))
+        if "dense" in tables:
+            dense_table(args.dense.split(","), args.repeats, Path(tmp))
     if "compile" in tables:
         compile_table(args.repeats)
 

@@ -23,7 +23,8 @@ import json
 import sys
 import warnings
 
-from .commands import DETECTION, SEGMENTATION, HelpFormatter, add_serve, add_set, model_overrides, run_serve
+from .commands import (DETECTION, SEGMENTATION, HelpFormatter, add_export_flags, add_serve, add_set, model_overrides,
+                       run_serve)
 from .config import parse_overrides
 from .errors import CascadeVisionError, CheckpointError, ConfigError
 from .runtime import configure_cpu_runtime
@@ -108,10 +109,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "classes, input contract, preset and version travel with the file. See "
                                    "cascadevision.export for the contract; `predict --onnx FILE` runs the file.")
     p.add_argument("checkpoint", help="a checkpoint written by `train`")
-    p.add_argument("--format", default="onnx", choices=("onnx", "exported-program"),
-                   help="onnx (RoiAlign/NonMaxSuppression, opset 18; runs in onnxruntime) or exported-program "
-                        "(torch.export.save; metadata in FILE.json next to it)")
-    p.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 for an exported program)")
+    add_export_flags(p, "RoiAlign/NonMaxSuppression, opset 18; runs in onnxruntime")
     add_set(p, "model.roi_head.test.score_thr=0.3")
 
     DETECTION.add_presets(sub)

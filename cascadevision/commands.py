@@ -33,6 +33,17 @@ def _nothing(p: argparse.ArgumentParser) -> None:
     pass
 
 
+EXPORT_FORMATS = ("onnx", "exported-program")  # cascadevision.export.FORMATS (not imported: it loads torch)
+
+
+def add_export_flags(p: argparse.ArgumentParser, onnx_help: str = "runs in onnxruntime") -> None:
+    """--format and --out of every `export` verb."""
+    p.add_argument("--format", default="onnx", choices=EXPORT_FORMATS,
+                   help=f"onnx ({onnx_help}) or exported-program (torch.export.save; metadata in FILE.json next "
+                        "to it)")
+    p.add_argument("--out", required=True, help="the file to write (.onnx, or .pt2 for an exported program)")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written (examples keep their lines); a flag's help ends with its default
     when it has one worth saying (not None, False, '' or an empty list)."""
@@ -69,6 +80,7 @@ class TaskCommands:
     predict: Callable[[object, argparse.Namespace], int] | None = None
     presets: Callable[[], list[str]] | None = None
     load_config: Callable[..., object] | None = None  # (name or path, overrides) -> config, without the task
+    export_help: str = ""  # the `export` verb's description (empty: the task has no `export` verb here)
 
     def jobs(self):
         return importlib.import_module(self.module)
@@ -126,9 +138,18 @@ class TaskCommands:
         add_set(p, self.set_example)
         return p
 
+    def add_export(self, sub) -> argparse.ArgumentParser:
+        p = sub.add_parser("export", help="write a trained model as ONNX or a torch.export program",
+                           formatter_class=HelpFormatter, description=self.export_help)
+        p.add_argument("checkpoint", help="a checkpoint written by `train`")
+        add_export_flags(p)
+        return p
+
     def add_all(self, sub) -> None:
         for add in (self.add_train, self.add_eval, self.add_predict, self.add_presets, self.add_config):
             add(sub)
+        if self.export_help:
+            self.add_export(sub)
 
     def _device_and_model_options(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -164,6 +185,11 @@ class TaskCommands:
             return self.evaluate(jobs, args)
         if verb == "predict":
             return self.predict(jobs, args)
+        if verb == "export":
+            meta = jobs.TASK.export(args.checkpoint, args.out, args.format)
+            print(f"wrote {args.out} ({args.format}; {meta['task']}, {len(meta['class_names'])} classes, outputs "
+                  f"{', '.join(meta['outputs'])})")
+            return 0
         raise AssertionError(verb)
 
 
@@ -413,7 +439,11 @@ SEGMENTATION = TaskCommands(
     eval_inputs=(("--images", "directory of the images"), ("--labels", "directory of their label-map PNGs")),
     eval_out_help="directory for metrics.json and metrics.md",
     predict_options=_alpha, report_training=_segmentation_report, evaluate=_segmentation_eval,
-    predict=_segmentation_predict)
+    predict=_segmentation_predict,
+    export_help="Export a checkpoint's segmentation model: a batch of resized, normalised images in (float32 NCHW, "
+                "batch, height and width dynamic; height and width multiples of the size divisor), the sum of the "
+                "heads' logits (B, K, H, W) out; classes, input contract, preset and version travel with the file. "
+                "See cascadevision.export.dense for the contract; export.runtime.load_dense runs the file.")
 
 
 # ----------------------------------------------------------------------------------------------------------

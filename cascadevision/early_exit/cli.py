@@ -11,6 +11,7 @@
     cascadevision exits evaluate runs/hard --set run.mode=anytime --set run.budget_ms=20   # time budget
     cascadevision exits calibrate-detector CKPT --ann VAL.json --images VAL/ --max-ap-drop 0.5 --out exit.yaml
     cascadevision eval CKPT --ann TEST.json --images TEST/ --exit-config exit.yaml   # realised beside planned
+    cascadevision exits export runs/exits-mobile --format onnx --out exits.onnx    # every exit's logits
 
 A run is a directory (or its model.pth). `exits train` refuses a directory that already holds something unless
 given --overwrite. `exits evaluate` and `exits bench` use the run's thresholds.json when `exits calibrate`
@@ -24,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..commands import add_set
+from ..commands import add_export_flags, add_set
 from ..config import parse_overrides, update
 from ..engine.rundir import RunLock, prepare_run_dir, remove_leftovers
 from ..errors import ConfigError
@@ -100,6 +101,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="also write the rows as JSON here")
     _add_set(p)
+
+    p = sub.add_parser("export", help="write the full multi-exit model as ONNX or a torch.export program",
+                       description="The whole model (no early exit in the graph): a batch of images in (float32 NCHW, "
+                                   "batch dynamic, the run's data.image_size fixed), every exit's logits out "
+                                   "(logits_exit1 .. logits_exitN, the last is the full model's); apply the "
+                                   "calibrated thresholds to them outside the graph. "
+                                   "export.runtime.load_dense runs the file.")
+    p.add_argument("checkpoint", metavar="RUN", help="a run directory (of `exits train`) or its model.pth")
+    add_export_flags(p)
     return parser
 
 
@@ -150,6 +160,12 @@ def run(args) -> int:
 
     if command == "calibrate-detector":
         return _calibrate_detector(args)
+    if command == "export":
+        from ..tasks.exits import EXITS  # lazy: the export machinery loads for this command only
+
+        meta = EXITS.export(run_checkpoint(args.checkpoint), args.out, args.format)
+        print(f"wrote {args.out} ({args.format}; outputs {', '.join(meta['outputs'])})")
+        return 0
 
     checkpoint = run_checkpoint(args.checkpoint)
     run_ = load_run(checkpoint, parse_overrides(args.overrides))

@@ -16,6 +16,10 @@ the scale factor to go back), `scores` (N,), `labels` (N,) int64 0-based and, fo
 `preprocess(image, contract)` is the reference for the inputs, `runtime.load_exported` runs a file like the
 PyTorch model, and `export_model` writes one. Metadata (classes, category ids, the contract, preset, version)
 is stored in the ONNX file's metadata_props, and next to an ExportedProgram as FILE.json.
+
+The dense models (segmentation, EfficientViT / HAT-Net classifiers, multi-exit classifiers: dynamic batch) are
+in `export.dense` and run with `runtime.load_dense`; every task writes through `write_export` (torch.export.save
++ FILE.json, or the ONNX conversion `onnx_bytes` with the metadata) and starts from `base_metadata`.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from ..io.checkpoint import atomic_write
 from ..models.transform import DetectionTransform
 from .detection import DetectionGraph
 
-__all__ = ["FORMATS", "export_model", "input_contract", "padded_size_ranges", "preprocess", "sidecar_path"]
+__all__ = ["FORMATS", "base_metadata", "export_model", "input_contract", "padded_size_ranges", "preprocess",
+           "sidecar_path", "write_export"]
 
 FORMATS = ("onnx", "exported-program")
 META_FORMAT = "cascadevision-export/1"
@@ -95,8 +100,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def _metadata(model, class_names, cat_ids, preset) -> dict:
-    return {"format": META_FORMAT, "task": "detection", "cascadevision_version": __version__,
-            "preset": preset or model.cfg.preset or "", "class_names": list(class_names),
+    return {**base_metadata("detection", preset or model.cfg.preset, class_names),
             "cat_ids": [int(i) for i in cat_ids or []], "input": input_contract(model.cfg.input),
             "outputs": ["boxes", "scores", "labels"] + (["mask_probs"] if model.roi_head.with_mask else []),
             "mask_thr": model.cfg.roi_head.test.mask_thr, "score_thr": model.cfg.roi_head.test.score_thr}
@@ -107,8 +111,7 @@ def export_model(model, path: str | Path, fmt: str = "onnx", *, class_names=None
     """Write `model` (a detector, eval mode) to `path` as `fmt` ('onnx' or 'exported-program'); returns the
     metadata written with it. `example` (3, H, W) in [0, 1] is the image traced (default: a random one at the
     model's input scale); the graph accepts any size."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_format(fmt)
     graph = DetectionGraph(model).eval()  # refuses what does not export, before any work
     meta = _metadata(model, class_names if class_names is not None else model.class_names, cat_ids, preset)
     if example is None:
@@ -119,12 +122,32 @@ def export_model(model, path: str | Path, fmt: str = "onnx", *, class_names=None
     args = (image, info["image_size"])
     program = export_program(graph, args, model.cfg.input.size_divisor)
     meta["input"].update(padded_size_ranges(program))
+    return write_export(program, args, path, fmt, meta, input_names=("image", "image_size"))
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def base_metadata(task: str, preset: str, class_names) -> dict:
+    """The metadata keys every exported file carries (the task's exporter adds its input contract and outputs)."""
+    return {"format": META_FORMAT, "task": task, "cascadevision_version": __version__, "preset": preset or "",
+            "class_names": list(class_names or [])}
+
+
+def write_export(program: torch.export.ExportedProgram, args: tuple, path: str | Path, fmt: str, meta: dict, *,
+                 input_names: tuple[str, ...]) -> dict:
+    """Save an exported program as `fmt` (atomically): 'exported-program' -> torch.export.save + FILE.json
+    (the metadata), 'onnx' -> the ONNX conversion (`onnx_bytes`) with the metadata as metadata_props."""
+    check_format(fmt)
     path = Path(path)
     if fmt == "exported-program":
         atomic_write(path, lambda f: torch.export.save(program, f))
         atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return meta
-    atomic_write(path, lambda f: f.write(onnx_bytes(program, args, meta)))
+    data = onnx_bytes(program, args, meta, input_names=input_names)
+    atomic_write(path, lambda f: f.write(data))
     return meta
 
 
@@ -157,8 +180,10 @@ def padded_size_ranges(program: torch.export.ExportedProgram) -> dict:
     return out
 
 
-def onnx_bytes(program: torch.export.ExportedProgram, args: tuple, meta: dict) -> bytes:
-    """The ONNX model of an exported detection graph, with `meta` as metadata_props (JSON values)."""
+def onnx_bytes(program: torch.export.ExportedProgram, args: tuple, meta: dict,
+               input_names: tuple[str, ...] = ("image", "image_size")) -> bytes:
+    """The ONNX model of an exported graph (outputs named `meta['outputs']`), with `meta` as metadata_props
+    (JSON values). Our custom ops (RoIAlign, NMS) get their ONNX translations; dynamic dimensions stay dynamic."""
     try:  # lazy: only needed to write ONNX files
         import onnx
         import onnxscript  # noqa: F401  (torch.onnx's exporter and our RoiAlign/NMS translations)
@@ -169,7 +194,7 @@ def onnx_bytes(program: torch.export.ExportedProgram, args: tuple, meta: dict) -
     from .ops import ONNX_TRANSLATIONS, OPSET
 
     onnx_program = torch.onnx.export(program, args, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS,
-                                     opset_version=OPSET, input_names=["image", "image_size"],
+                                     opset_version=OPSET, input_names=list(input_names),
                                      output_names=meta["outputs"], verbose=False)
     proto = onnx_program.model_proto
     for key, value in meta.items():

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..data.transforms import collate
 from ..engine import distributed as dist_utils
 from ..errors import CheckpointError, ConfigError, DatasetError
+from ..export.dense import export_segmenter
 from ..io.images import collect_images, unique_output_names
 from ..outputs import ensure_writable_dir
 from ..segmentation.config import SegmentationConfig, SegModelConfig
@@ -27,7 +28,7 @@ from ..segmentation.presets import SEGMENTATION_PRESETS
 from ..segmentation.visualize import draw_segmentation
 from .base import Task, Training, predict_images
 
-__all__ = ["SEGMENTATION", "TASK", "datasets", "evaluate", "format_scores", "model_from_checkpoint",
+__all__ = ["SEGMENTATION", "TASK", "datasets", "evaluate", "export_model", "format_scores", "model_from_checkpoint",
            "run_evaluation", "run_prediction", "run_training"]
 
 
@@ -100,9 +101,18 @@ def _check_checkpoint(path: Path, model_values: dict) -> None:
                               "use `cascadevision eval` for detectors)")
 
 
+def export_model(model, path: Path, fmt: str, meta: dict) -> dict:
+    """The segmentation task's exporter (`Task.export`): normalised batch in (dynamic batch, height and width),
+    summed logits out; the checkpoint's classes and preset travel with the file (`export.dense`)."""
+    config = meta.get("config") or {}
+    preset = (config.get("model", config) or {}).get("preset", "")
+    return export_segmenter(model, path, fmt, preset=preset)
+
+
 SEGMENTATION = Task(
     name="segmentation", presets=SEGMENTATION_PRESETS, model_config=SegModelConfig, build_model=build_segmenter,
-    prepare_training=prepare_training, format_metrics=format_scores, check_checkpoint=_check_checkpoint)
+    prepare_training=prepare_training, format_metrics=format_scores, check_checkpoint=_check_checkpoint,
+    export_model=export_model)
 TASK = SEGMENTATION  # what `cascadevision.commands` runs
 
 
