@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 from cascadevision.macs import count_macs  # noqa: E402
 from cascadevision.models.classifier import count_parameters  # noqa: E402
 from cascadevision.models.efficientvit import (  # noqa: E402
@@ -53,15 +52,6 @@ def load() -> str:
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
-def median_seconds(fn, runs: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_memory_bytes(fn) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 from cascadevision.export import export_program, onnx_bytes, _metadata, preprocess  # noqa: E402
 from cascadevision.export.compile import compile_model  # noqa: E402
 from cascadevision.export.detection import DetectionGraph  # noqa: E402
@@ -68,14 +68,6 @@ def test_images(name: str, count: int) -> list[torch.Tensor]:
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def agreement(got: dict, want: dict) -> tuple[float, float, float, bool]:
@@ -120,8 +112,8 @@ def export_table(families: list[str], repeats: int, folder: Path) -> None:
         with torch.inference_mode():
             for image in images:
                 rows.append(agreement(ort_model([image])[0], model([image])[0]))
-            eager_ms = median_time(lambda: model([images[0]]), repeats) * 1000
-            ort_ms = median_time(lambda: ort_model([images[0]]), repeats) * 1000
+            eager_ms = median_seconds(lambda: model([images[0]]), repeats) * 1000
+            ort_ms = median_seconds(lambda: ort_model([images[0]]), repeats) * 1000
         box = max(r[0] for r in rows)
         score = max(r[1] for r in rows)
         iou = min(r[2] for r in rows)
@@ -190,7 +182,7 @@ def dense_table(names: list[str], repeats: int, folder: Path) -> None:
                 scale = max(scale, want.abs().max().item())
                 diff_ort = max(diff_ort, (ort_model(batches[n])["logits"] - want).abs().max().item())
                 diff_pt2 = max(diff_pt2, (pt2_model(batches[n])["logits"] - want).abs().max().item())
-            lat = {(kind, n): median_time(lambda: fn(batches[n]), repeats) * 1000
+            lat = {(kind, n): median_seconds(lambda: fn(batches[n]), repeats) * 1000
                    for kind, fn in (("eager", module), ("ort", ort_model)) for n in (1, 8)}
         mb = (folder / f"{name}.onnx").stat().st_size / 2**20
         print(f"| {name} | {size[0]}x{size[1]} | {times['onnx']:.1f} | {times['exported-program']:.1f} | {mb:.1f} | "
@@ -207,13 +199,13 @@ def compile_table(repeats: int) -> None:
         model = load(name)
         image = test_images(name, 1)[0]
         with torch.inference_mode():
-            eager = median_time(lambda: model([image]), repeats)
+            eager = median_seconds(lambda: model([image]), repeats)
             torch._dynamo.reset()
             compile_model(model)
             start = time.perf_counter()
             model([image])
             first = time.perf_counter() - start
-            compiled = median_time(lambda: model([image]), repeats)
+            compiled = median_seconds(lambda: model([image]), repeats)
         size = "x".join(str(s) for s in image.shape[-2:])
         print(f"| {name} | {size} | {eager * 1000:.0f} | {first:.1f} | {compiled * 1000:.0f} | "
               f"{eager / compiled:.2f}x |", flush=True)
@@ -234,13 +226,13 @@ def compile_table(repeats: int) -> None:
         sum(v for k, v in losses.items() if "loss" in k).backward()
         model.zero_grad(set_to_none=True)
 
-    eager = median_time(step, repeats)
+    eager = median_seconds(step, repeats)
     torch._dynamo.reset()
     compile_model(model)
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    compiled = median_time(step, repeats)
+    compiled = median_seconds(step, repeats)
     print(f"| demo train step (batch 2) | 320x480, 300x400 | {eager * 1000:.0f} | {first:.1f} | {compiled * 1000:.0f} "
           f"| {eager / compiled:.2f}x |", flush=True)
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
@@ -55,20 +54,12 @@ def time_preset(preset: str, height: int, width: int, repeats: int) -> dict:
                 model([image])
 
         model.train()
-        result[("train", name)] = _median(train_step, repeats)
+        result[("train", name)] = median_seconds(train_step, repeats)
         model.eval()
-        result[("infer", name)] = _median(infer, repeats)
+        result[("infer", name)] = median_seconds(infer, repeats)
     return result
 
 
-def _median(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ap_by_dtype(checkpoint: str, ann: str, images: str) -> dict:
