@@ -324,6 +324,12 @@ class DetectorCalibration:
         return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False)
 
 
+def _roi_key(values: dict) -> tuple:
+    """A setting's RoI-head part: settings equal here replay to the same detections (the mask threshold only
+    changes which of them get a mask head)."""
+    return tuple(values.get(k, 0) for k in SETTING_KEYS if k != "mask_score_threshold")
+
+
 def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = None, budget: float | None = None,
                        grid: dict | None = None, screen: float = 0.5, top: int = 6,
                        log=None) -> tuple[DetectorCalibration, list[Candidate]]:
@@ -349,7 +355,7 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
     # compute needs no AP: every setting's, cheaply (one replay each, no COCOeval)
     cands, replayed = [], {}
     for values in settings:
-        key = tuple(values.get(k, 0) for k in SETTING_KEYS if k != "mask_score_threshold")
+        key = _roi_key(values)
         if key not in replayed:  # the mask threshold changes only which detections get a mask head
             replayed[key] = replay.replay({**values, "mask_score_threshold": 0.0})
         dets, counts = replayed[key]
@@ -360,11 +366,8 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
     cands.sort(key=lambda c: (c[0].macs, -c[0].exit["mask_score_threshold"]))
     box_ap: dict = {}
 
-    def roi_key(values):
-        return tuple(values.get(k, 0) for k in SETTING_KEYS if k != "mask_score_threshold")
-
     def bbox(c: Candidate, dets) -> float:
-        key = roi_key(c.exit)
+        key = _roi_key(c.exit)
         if key not in box_ap:
             box_ap[key] = replay.bbox_ap(dets)
         c.bbox_ap = box_ap[key]
@@ -404,9 +407,9 @@ def calibrate_detector(replay: DetectorReplay, *, max_ap_drop: float | None = No
         within = [(c, d) for c, d in cands if c.macs <= budget * plain.macs]
         for c, dets in within:
             bbox(c, dets)
-        keys = sorted({roi_key(c.exit) for c, _ in within}, key=lambda k: -box_ap[k])[:top] if metric == "segm" else None
+        keys = sorted({_roi_key(c.exit) for c, _ in within}, key=lambda k: -box_ap[k])[:top] if metric == "segm" else None
         for c, dets in within:
-            if metric == "segm" and roi_key(c.exit) in keys:
+            if metric == "segm" and _roi_key(c.exit) in keys:
                 segm(c, dets)
             if c.ap(metric) is not None:
                 scored.append(c)
